@@ -1,0 +1,43 @@
+"""thenable: futures, fork/join tasks and RPC in the shape of torch's, for any Python program.
+
+The public front: everything here is re-exported from private modules.
+"""
+
+from thenable._aio import from_asyncio as from_asyncio
+from thenable._aio import from_concurrent as from_concurrent
+from thenable._aio import to_asyncio as to_asyncio
+from thenable._aio import to_concurrent as to_concurrent
+from thenable._combinators import as_completed as as_completed
+from thenable._combinators import collect_all as collect_all
+from thenable._combinators import collect_any as collect_any
+from thenable._combinators import wait_all as wait_all
+from thenable._future import Future as Future
+from thenable._future import FutureState as FutureState
+from thenable._pool import InteropPool as InteropPool
+from thenable._pool import TaskExecutor as TaskExecutor
+from thenable._pool import fork as fork
+from thenable._pool import get_num_interop_threads as get_num_interop_threads
+from thenable._pool import set_num_interop_threads as set_num_interop_threads
+from thenable._pool import wait as wait
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Future",
+    "FutureState",
+    "InteropPool",
+    "TaskExecutor",
+    "__version__",
+    "as_completed",
+    "collect_all",
+    "collect_any",
+    "fork",
+    "from_asyncio",
+    "from_concurrent",
+    "get_num_interop_threads",
+    "set_num_interop_threads",
+    "to_asyncio",
+    "to_concurrent",
+    "wait",
+    "wait_all",
+)

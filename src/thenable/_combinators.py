@@ -1,0 +1,167 @@
+"""Combinators over many futures: collect_all, wait_all, collect_any, as_completed."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from thenable._future import Future, check_futures, deadline_after, remaining
+
+__all__ = ["as_completed", "collect_all", "collect_any", "wait_all"]
+
+T = TypeVar("T")
+
+
+class _Countdown:
+    """Completes ``target`` with ``futures`` when the last of ``count`` sub-futures is done."""
+
+    __slots__ = ("futures", "left", "lock", "target")
+
+    def __init__(self, futures: list[Future[Any]], target: Future[list[Future[Any]]]) -> None:
+        self.futures = futures
+        self.target = target
+        self.left = len(futures)
+        self.lock = threading.Lock()
+
+    def __call__(self, _: Future[Any]) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.target.set_result(self.futures)
+
+
+def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]:
+    """Return a Future that completes, with the same list of futures, once all have completed.
+
+    It completes successfully even if some sub-futures failed: inspect each one, or use
+    ``wait_all`` to raise the first failure.  An empty list gives an already-completed Future.
+
+    Raises:
+        TypeError: ``futures`` is not a list of thenable Futures.
+    """
+    items = check_futures(futures, "collect_all")
+    combined: Future[list[Future[T]]] = Future()
+    if not items:
+        combined.set_result(items)
+        return combined
+    countdown = _Countdown(items, combined)  # type: ignore[arg-type]
+    for future in items:
+        future.add_done_callback(countdown)
+    return combined
+
+
+class _AllOrFirstError:
+    """Completes ``target`` with every value, or with the first failure as soon as it happens."""
+
+    __slots__ = ("futures", "left", "lock", "target")
+
+    def __init__(self, futures: list[Future[Any]], target: Future[list[Any]]) -> None:
+        self.futures = futures
+        self.target = target
+        self.left = len(futures)
+        self.lock = threading.Lock()
+
+    def __call__(self, future: Future[Any]) -> None:
+        if future._exception is not None:
+            self.target._try_complete(None, future._exception, future._traceback)
+            return
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.target._try_complete([f._result for f in self.futures], None)
+
+
+def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
+    """Block until every future completes and return their values, in order.
+
+    As the torch.futures documentation promises, this exits as soon as any future fails,
+    raising that failure without waiting for the others.
+
+    Args:
+        futures: the futures to wait for; an empty list returns ``[]`` at once.
+        timeout: seconds to wait at most (thenable extension); ``None`` waits forever.
+
+    Raises:
+        TypeError: ``futures`` is not a list of thenable Futures.
+        TimeoutError: ``timeout`` passed first.
+        Exception: the first failure among the futures.
+    """
+    items = check_futures(futures, "wait_all")
+    if not items:
+        return []
+    combined: Future[list[T]] = Future()
+    tracker = _AllOrFirstError(items, combined)  # type: ignore[arg-type]
+    for future in items:
+        future.add_done_callback(tracker)
+        if combined.done():
+            break  # failed early: the rest need not be watched
+    return combined.wait(timeout)
+
+
+class _FirstDone:
+    """Completes ``target`` with the first sub-future that completes."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: Future[Future[Any]]) -> None:
+        self.target = target
+
+    def __call__(self, future: Future[Any]) -> None:
+        self.target._try_complete(future, None)
+
+
+def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:
+    """Return a Future that completes with the first of ``futures`` to complete.
+
+    Its value is that sub-future itself (done, successfully or not), so the caller can tell
+    which one finished and read its value or exception.  thenable extension; torch has none.
+
+    Raises:
+        TypeError: ``futures`` is not a list of thenable Futures.
+        ValueError: ``futures`` is empty (no future could ever complete the result).
+    """
+    items = check_futures(futures, "collect_any")
+    if not items:
+        raise ValueError("collect_any() needs at least one Future; the list is empty")
+    first: Future[Future[T]] = Future()
+    watcher = _FirstDone(first)
+    for future in items:
+        future.add_done_callback(watcher)
+        if first.done():
+            break
+    return first
+
+
+def as_completed(futures: Iterable[Future[T]], timeout: float | None = None) -> Iterator[Future[T]]:
+    """Yield each distinct future of ``futures`` as it completes, already-done ones first.
+
+    Like ``concurrent.futures.as_completed``; a future listed twice is yielded once.
+
+    Args:
+        futures: the futures to watch.
+        timeout: seconds, from this call, for all of them to complete; ``None`` waits forever.
+
+    Raises:
+        TypeError: ``futures`` is not a list of thenable Futures.
+        TimeoutError: (from ``next()``) ``timeout`` passed before every future completed.
+    """
+    items = list(dict.fromkeys(check_futures(futures, "as_completed")))
+    deadline = deadline_after(timeout)
+    return _as_completed(items, deadline)
+
+
+def _as_completed(items: list[Future[T]], deadline: float | None) -> Iterator[Future[T]]:
+    finished: queue.SimpleQueue[Future[T]] = queue.SimpleQueue()
+    for future in items:
+        future.add_done_callback(finished.put)
+    for left in range(len(items), 0, -1):
+        try:
+            yield finished.get(timeout=remaining(deadline))
+        except queue.Empty:
+            raise TimeoutError(
+                f"as_completed(): {left} of {len(items)} futures still pending after the timeout"
+            ) from None

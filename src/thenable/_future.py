@@ -1,0 +1,474 @@
+"""The Future core: one completable value, its callbacks and its waiters.
+
+Theory of operation
+-------------------
+A ``Future`` is PENDING until ``set_result`` or ``set_exception`` moves it, exactly once, to
+FINISHED.  Its state, value, callbacks and waiters are guarded by one small lock per future;
+state changes happen under the lock, and callbacks run *after* releasing it, in the thread that
+completed the future, in registration order.
+
+Callbacks that complete further futures (a ``then`` chain) would recurse once per link, so the
+callback runner is a trampoline: each thread runs callbacks inline up to ``_MAX_INLINE_DEPTH``
+nested completions, and queues deeper ones to be run by the outermost runner of that thread.
+A chain of a million links therefore uses a bounded stack.  A thread that blocks in ``wait``
+first runs whatever its own trampoline still has queued, so deferring never deadlocks a waiter.
+
+Blocking waits park on a private lock per waiter, created only when a wait actually blocks; the
+fast paths (already done, no waiters) take one uncontended lock and allocate nothing else.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+
+from thenable import _devices
+
+if TYPE_CHECKING:
+    from thenable._devices import DeviceSpec
+
+__all__ = ["Future", "FutureState"]
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+_LOGGER = logging.getLogger("thenable.future")
+
+# Deeper nested completions than this are queued on the thread's trampoline instead of recursing.
+_MAX_INLINE_DEPTH = 24
+
+
+class FutureState(enum.Enum):
+    """Where a Future is in its life: PENDING, then FINISHED exactly once."""
+
+    PENDING = "pending"
+    FINISHED = "finished"
+
+
+_PENDING = FutureState.PENDING
+_FINISHED = FutureState.FINISHED
+
+
+class _Trampoline(threading.local):
+    """Per-thread callback runner state: how deep we are, and the completions deferred."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.deferred: deque[tuple[Future[Any], list[Callable[[Future[Any]], None]]]] = deque()
+
+
+_TRAMPOLINE = _Trampoline()
+
+
+class _BlockingHook(threading.local):
+    """Per-thread hooks run around a blocking wait (a pool worker grows its pool while blocked)."""
+
+    def __init__(self) -> None:
+        self.on_block: Callable[[], Callable[[], None]] | None = None
+
+
+_BLOCKING_HOOK = _BlockingHook()
+
+
+class Future(Generic[T]):
+    """The result of an asynchronous computation, completed exactly once.
+
+    A drop-in for ``torch.futures.Future`` that works on any Python value.  Callbacks added with
+    ``then`` or ``add_done_callback`` run in registration order, in the thread that completes
+    the future; added to a completed future, they run at once in the calling thread.
+
+    Args:
+        devices: CUDA devices whose streams the value may use (``torch.futures`` semantics).
+            ``None`` or empty for CPU-only values, the default.  Any other entry needs torch
+            with CUDA; children made by ``then`` inherit the devices.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_callbacks",
+        "_devices",
+        "_exception",
+        "_lock",
+        "_result",
+        "_run_inline",
+        "_state",
+        "_traceback",
+        "_waiters",
+    )
+
+    # Invariant: _state is PENDING until the one completion; after it, _callbacks and _waiters are
+    # None and exactly one of (_result, _exception) is meaningful.
+    _state: FutureState
+    _result: Any
+    _exception: BaseException | None
+    # The exception's traceback as it was at completion, restored on every re-raise so that
+    # repeated waits (or a failure flowing down a long then-chain) do not grow it.
+    _traceback: TracebackType | None
+    _callbacks: list[Callable[[Future[Any]], None]] | None
+    _waiters: list[Any] | None
+    # A task that a waiter may run itself instead of blocking (set by the fork pool); see wait().
+    _run_inline: Callable[[], None] | None
+    _devices: tuple[Any, ...]
+
+    def __init__(self, *, devices: DeviceSpec = None) -> None:
+        self._lock = threading.Lock()
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._traceback = None
+        self._callbacks = None
+        self._waiters = None
+        self._run_inline = None
+        self._devices = _devices.normalize(devices) if devices else ()
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """Return True if this Future holds a result or an exception."""
+        return self._state is _FINISHED
+
+    @property
+    def state(self) -> FutureState:
+        """The current state, PENDING or FINISHED."""
+        return self._state
+
+    @property
+    def devices(self) -> tuple[Any, ...]:
+        """The CUDA devices given at construction (empty for CPU-only futures)."""
+        return self._devices
+
+    def __repr__(self) -> str:
+        state = self._state
+        if state is _PENDING:
+            detail = "pending"
+        elif self._exception is not None:
+            detail = f"failed with {type(self._exception).__name__}: {self._exception}"
+        else:
+            detail = f"done, result={_short_repr(self._result)}"
+        return f"<{type(self).__qualname__} at {id(self):#x} {detail}>"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a thenable.Future cannot be pickled: it is a handle to a computation in this process. "
+            "Send its value instead (fut.wait()), or return the Future from an "
+            "@rpc.functions.async_execution function to have RPC send its value when ready."
+        )
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def set_result(self, result: T) -> None:
+        """Complete this Future with ``result`` and run its callbacks.
+
+        Raises:
+            RuntimeError: the Future was already completed ("can only be marked completed once").
+        """
+        self._complete(result, None)
+
+    def set_exception(self, result: BaseException) -> None:
+        """Complete this Future with an exception; ``wait()`` and ``value()`` will raise it.
+
+        The parameter is named ``result`` as in torch.futures.
+
+        Raises:
+            TypeError: ``result`` is not an Exception instance.
+            RuntimeError: the Future was already completed.
+        """
+        if not isinstance(result, Exception):
+            raise TypeError(
+                f"set_exception() takes an Exception instance, got {_short_repr(result)} "
+                f"of type {type(result).__qualname__}; to fail a future with a message, pass "
+                "e.g. RuntimeError('...')"
+            )
+        self._complete(None, result, result.__traceback__)
+
+    def _complete(
+        self,
+        result: Any,
+        exception: BaseException | None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        """Move to FINISHED once; wake waiters; run callbacks outside the lock."""
+        with self._lock:
+            if self._state is not _PENDING:
+                raise RuntimeError(
+                    f"this Future can only be marked completed once; it is already {self!r}"
+                )
+            self._result = result
+            self._exception = exception
+            self._traceback = traceback
+            self._state = _FINISHED
+            callbacks = self._callbacks
+            waiters = self._waiters
+            self._callbacks = None
+            self._waiters = None
+            self._run_inline = None
+        if waiters is not None:
+            for waiter in waiters:
+                waiter.release()
+        if callbacks is not None:
+            _run_callbacks(self, callbacks)
+
+    def _try_complete(
+        self,
+        result: Any,
+        exception: BaseException | None,
+        traceback: TracebackType | None = None,
+    ) -> bool:
+        """Complete unless already done; return whether this call completed it."""
+        try:
+            self._complete(result, exception, traceback)
+        except RuntimeError:
+            if self._state is _FINISHED:
+                return False
+            raise
+        return True
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def value(self) -> T:
+        """Return the value of a completed Future, or raise its exception.
+
+        Meant for callbacks and for after ``wait()``; it never blocks.
+
+        Raises:
+            RuntimeError: the Future is still pending (call ``wait()`` to block for it).
+        """
+        if self._state is not _FINISHED:
+            raise RuntimeError(
+                "value() called on a pending Future: it has no value yet. Call wait() to block "
+                "until it completes, or read it in a callback passed to then()."
+            )
+        if self._exception is None:
+            return self._result  # type: ignore[no-any-return]
+        try:
+            raise self._exception.with_traceback(self._traceback)
+        finally:
+            self = None  # type: ignore[assignment]  # no cycle through the traceback's frame
+
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until this Future completes; return its value or raise its exception.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` (default) waits as long as it takes.
+
+        Raises:
+            TimeoutError: ``timeout`` passed before the Future completed.
+            Exception: whatever the Future was completed with by ``set_exception``.
+        """
+        if self._state is not _FINISHED:
+            self._block(_check_timeout(timeout))
+        if self._exception is None:
+            return self._result  # type: ignore[no-any-return]
+        # The stored traceback is restored on every raise so repeated waits do not grow it; the
+        # raise will hold this frame, so drop `self` to leave no cycle keeping the future alive.
+        try:
+            raise self._exception.with_traceback(self._traceback)
+        finally:
+            self = None  # type: ignore[assignment]
+
+    def _block(self, timeout: float | None) -> None:
+        """Wait for completion, helping first: run this thread's deferred callbacks, or the task
+        itself if it has not started yet.  Raises TimeoutError."""
+        if _TRAMPOLINE.deferred:
+            _drain_deferred(_TRAMPOLINE)
+        run_inline = self._run_inline
+        if run_inline is not None and self._state is _PENDING:
+            run_inline()
+        with self._lock:
+            if self._state is _FINISHED:
+                return
+            waiter = threading.Lock()
+            waiter.acquire()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+        on_block = _BLOCKING_HOOK.on_block
+        on_unblock = on_block() if on_block is not None else None
+        try:
+            acquired = waiter.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            if on_unblock is not None:
+                on_unblock()
+        if not acquired:
+            with self._lock:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if self._state is not _FINISHED:
+                raise TimeoutError(f"Future did not complete within {timeout} seconds: {self!r}")
+
+    def __await__(self) -> Generator[Any, None, T]:
+        """Let asyncio code ``await`` this Future without blocking its event loop."""
+        if self._state is not _FINISHED:
+            from thenable import _aio
+
+            yield from _aio.wait_in_running_loop(self).__await__()
+        return self.value()
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    def add_done_callback(self, callback: Callable[[Future[T]], object]) -> None:
+        """Run ``callback(self)`` once this Future completes (at once if it already has).
+
+        The callback runs in the thread that completes the future, after callbacks added before
+        it.  If it raises, the error is logged on the ``thenable.future`` logger and ignored:
+        the future's value and the other callbacks are unaffected.  Use ``then`` to get a
+        Future for the callback's outcome.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+        """
+        if not callable(callback):
+            raise TypeError(f"add_done_callback() needs a callable, got {_short_repr(callback)}")
+        with self._lock:
+            if self._state is _PENDING:
+                if self._callbacks is None:
+                    self._callbacks = [callback]
+                else:
+                    self._callbacks.append(callback)
+                return
+        _run_callbacks(self, [callback])
+
+    def then(self, callback: Callable[[Future[T]], S]) -> Future[S]:
+        """Return a new Future that completes with ``callback(self)`` once this one completes.
+
+        If the callback raises (for example by calling ``wait()`` on this future when it
+        failed), the returned Future fails with that same exception object, type, message and
+        the callback's traceback intact.  The new Future inherits this Future's devices.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+        """
+        if not callable(callback):
+            raise TypeError(f"then() needs a callable, got {_short_repr(callback)}")
+        child: Future[S] = Future()
+        child._devices = self._devices
+        self.add_done_callback(_ThenCallback(callback, child))
+        return child
+
+
+class _ThenCallback:
+    """A then() callback: completes the child Future with the callback's outcome."""
+
+    __slots__ = ("child", "fn")
+
+    def __init__(self, fn: Callable[[Any], object], child: Future[Any]) -> None:
+        self.fn = fn
+        self.child = child
+
+    def __call__(self, future: Future[Any]) -> None:
+        child = self.child
+        try:
+            result = self.fn(future)
+        except BaseException as exc:
+            # A failure merely re-raised from the parent keeps the parent's traceback, so a
+            # failure flowing down a long chain does not grow one frame pair per link.
+            if exc is future._exception:
+                traceback = future._traceback
+                # Drop the frames the re-raise added: they hold `future`, which holds `exc`.
+                exc.with_traceback(traceback)
+            else:
+                traceback = exc.__traceback__
+            # Break the cycle exception -> traceback -> this frame -> child -> exception.
+            self.child = None  # type: ignore[assignment]
+            future = None  # type: ignore[assignment]
+            child._try_complete(None, exc, traceback)
+            child = None  # type: ignore[assignment]
+            traceback = None
+            return
+        child._try_complete(result, None)
+
+
+def _run_callbacks(future: Future[Any], callbacks: list[Callable[[Future[Any]], None]]) -> None:
+    """Run ``callbacks`` for ``future`` inline, or defer them if this thread is nested too deep."""
+    trampoline = _TRAMPOLINE
+    depth = trampoline.depth
+    if depth >= _MAX_INLINE_DEPTH:
+        trampoline.deferred.append((future, callbacks))
+        return
+    trampoline.depth = depth + 1
+    for callback in callbacks:
+        try:
+            callback(future)
+        except BaseException:  # isolated: one failing callback must not starve the others
+            _log_callback_error(callback, future)
+    trampoline.depth = depth
+    if not depth and trampoline.deferred:
+        _drain_deferred(trampoline)
+
+
+def _drain_deferred(trampoline: _Trampoline) -> None:
+    """Run the completions this thread deferred, until none are left."""
+    deferred = trampoline.deferred
+    depth = trampoline.depth
+    while deferred:
+        future, callbacks = deferred.popleft()
+        trampoline.depth = depth + 1
+        for callback in callbacks:
+            try:
+                callback(future)
+            except BaseException:
+                _log_callback_error(callback, future)
+        trampoline.depth = depth
+
+
+def _log_callback_error(callback: object, future: Future[Any]) -> None:
+    """An add_done_callback callback raised: log it and carry on with the others."""
+    _LOGGER.exception("exception in callback %r of %r (ignored)", callback, future)
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """Validate a user timeout in seconds; None means forever."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be a number of seconds or None, got {type(timeout).__qualname__}"
+        )
+    if timeout < 0 or math.isnan(timeout):
+        raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """The monotonic time at which ``timeout`` (validated) runs out, or None for never."""
+    timeout = _check_timeout(timeout)
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def check_futures(futures: object, caller: str) -> list[Future[Any]]:
+    """Return ``futures`` as a list, raising TypeError naming any entry that is not a Future."""
+    if isinstance(futures, Future):
+        raise TypeError(f"{caller}() takes a list of Futures, got a single Future; wrap it: [fut]")
+    if not isinstance(futures, Sequence) and not hasattr(futures, "__iter__"):
+        raise TypeError(f"{caller}() takes a list of Futures, got {type(futures).__qualname__}")
+    items = list(futures)  # type: ignore[call-overload]
+    for index, item in enumerate(items):
+        if not isinstance(item, Future):
+            raise TypeError(
+                f"{caller}(): item {index} is {type(item).__qualname__}, not a thenable.Future; "
+                "wrap concurrent.futures / asyncio futures with thenable.from_concurrent() / "
+                "thenable.from_asyncio() first"
+            )
+    return items
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    """A repr bounded in length, for error messages and __repr__."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__qualname__} with failing repr>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

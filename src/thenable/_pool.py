@@ -1,0 +1,342 @@
+"""The interop thread pool behind ``fork``/``wait``, and the executor interface it implements.
+
+Theory of operation
+-------------------
+``submit`` puts a task on a FIFO queue and wakes one parked worker (or starts one while the pool
+is below its size).  Each task's Future carries the task's ``run`` as ``Future._run_inline``:
+whoever calls it first - a worker that pops the task, or a thread that ``wait``s on the Future
+before any worker has started it - claims it (under the Future's lock) and runs it.  So a
+waiter never blocks on a task that no thread is running, and nested ``fork``/``wait`` cannot
+deadlock, even with one thread.
+
+A worker that blocks in ``Future.wait`` (on anything: a forked task running elsewhere, an RPC
+reply, a user's Future) reports it through a thread-local hook; while it is blocked the pool
+does not count it, and starts a replacement if work is queued, so blocked tasks never shrink the
+capacity to run the others.  Surplus workers retire when they next look for work, which is also
+how ``resize`` shrinks the pool.  Queued tasks always run: at interpreter exit the pool finishes
+the queue before the process ends, as ``concurrent.futures`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from thenable._future import _BLOCKING_HOOK, Future
+
+__all__ = ["InteropPool", "TaskExecutor", "default_pool"]
+
+T = TypeVar("T")
+
+_LOGGER = logging.getLogger("thenable.pool")
+
+# Replacement workers started for blocked ones, at most, beyond the pool's size.
+_MAX_EXTRA_WORKERS = 256
+
+
+class TaskExecutor(Protocol):
+    """What ``fork`` needs of an executor: run ``fn(*args, **kwargs)``, returning its Future."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]: ...
+
+
+class _Task:
+    """One queued call and the Future it completes; runs at most once, by whoever claims it."""
+
+    __slots__ = ("args", "fn", "future", "kwargs")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.future: Future[Any] = Future()
+        self.future._run_inline = self.run
+
+    def run(self) -> None:
+        """Claim the task and run it in this thread; return at once if already claimed."""
+        future = self.future
+        with future._lock:
+            if future._run_inline is None:
+                return
+            future._run_inline = None
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            future._complete(None, exc, exc.__traceback__)
+            del exc
+        else:
+            future._complete(result, None)
+
+
+class InteropPool:
+    """A resizable pool of daemon threads that runs submitted calls, each into a Future.
+
+    Args:
+        num_threads: worker threads to keep; default ``os.cpu_count()``.
+        name: thread name prefix, for debuggers and ``threading.enumerate()``.
+    """
+
+    def __init__(self, num_threads: int | None = None, *, name: str = "thenable-interop") -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._tasks: deque[_Task] = deque()
+        # Invariant (under _lock): every parked worker's lock is in _parked, and it is released
+        # exactly once, by whoever pops it.
+        self._parked: list[threading.Lock] = []
+        self._size = _check_num_threads(num_threads if num_threads is not None else _cpus())
+        self._workers = 0  # threads alive
+        self._blocked = 0  # of them, blocked in Future.wait
+        self._started = 0  # threads ever started, for names
+        self._closing = False
+        self._threads: set[threading.Thread] = set()
+        _register_exit(self)
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """The number of worker threads the pool keeps (not counting blocked ones)."""
+        return self._size
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue ``fn(*args, **kwargs)`` and return the Future of its result.
+
+        Never raises for ``fn``'s sake: its exception goes into the Future.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError(f"fork() needs a callable to run, got {type(fn).__qualname__}")
+        task = _Task(fn, args, kwargs)
+        if self._closing:
+            task.future._run_inline = None
+            task.future._complete(
+                None, RuntimeError("cannot fork new tasks: the interpreter is shutting down")
+            )
+            return task.future
+        self._tasks.append(task)
+        self._wake_or_grow()
+        return task.future
+
+    def resize(self, num_threads: int) -> None:
+        """Keep ``num_threads`` workers from now on; queued tasks still run.
+
+        Growing starts threads as work arrives; shrinking lets surplus workers finish their
+        current task and retire.
+
+        Raises:
+            TypeError, ValueError: ``num_threads`` is not a positive int.
+        """
+        size = _check_num_threads(num_threads)
+        with self._lock:
+            self._size = size
+            parked, self._parked = self._parked, []
+            missing = min(len(self._tasks), size - (self._workers - self._blocked))
+            for _ in range(max(0, missing)):
+                self._start_worker_locked()
+        for park in parked:  # let them re-check: the surplus retire, the rest park again
+            park.release()
+
+    def statistics(self) -> dict[str, int]:
+        """A snapshot: size, workers alive, blocked in waits, parked idle, tasks queued."""
+        with self._lock:
+            return {
+                "size": self._size,
+                "workers": self._workers,
+                "blocked": self._blocked,
+                "idle": len(self._parked),
+                "queued": len(self._tasks),
+            }
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _wake_or_grow(self) -> None:
+        with self._lock:
+            if self._parked:
+                park = self._parked.pop()
+            else:
+                if self._workers - self._blocked < self._size:
+                    self._start_worker_locked()
+                return
+        park.release()
+
+    def _start_worker_locked(self) -> None:
+        if self._workers >= self._size + _MAX_EXTRA_WORKERS:
+            return
+        self._workers += 1
+        self._started += 1
+        thread = threading.Thread(
+            target=self._work, name=f"{self._name}-{self._started}", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # can't start new thread (resource limits, interpreter exit)
+            self._workers -= 1
+            _LOGGER.exception("could not start an interop worker thread")
+        else:
+            self._threads.add(thread)
+
+    def _work(self) -> None:
+        _BLOCKING_HOOK.on_block = self._on_block
+        park = threading.Lock()
+        park.acquire()
+        tasks = self._tasks
+        while True:
+            try:
+                task = tasks.popleft()
+            except IndexError:
+                pass
+            else:
+                task.run()
+                del task
+                if self._workers - self._blocked <= self._size:
+                    continue
+            with self._lock:
+                if self._workers - self._blocked > self._size or (
+                    self._closing and not tasks
+                ):
+                    self._workers -= 1
+                    self._threads.discard(threading.current_thread())
+                    return
+                if tasks:
+                    continue
+                self._parked.append(park)
+            park.acquire()
+
+    def _on_block(self) -> Callable[[], None]:
+        """A worker is about to block: run queued work on another thread meanwhile."""
+        with self._lock:
+            self._blocked += 1
+            park = None
+            if self._tasks:
+                if self._parked:
+                    park = self._parked.pop()
+                elif self._workers - self._blocked < self._size:
+                    self._start_worker_locked()
+        if park is not None:
+            park.release()
+        return self._on_unblock
+
+    def _on_unblock(self) -> None:
+        with self._lock:
+            self._blocked -= 1
+
+    def _finish_at_exit(self) -> None:
+        """Run what is queued, wait for the running tasks, and let every worker retire."""
+        with self._lock:
+            self._closing = True
+            parked, self._parked = self._parked, []
+        for park in parked:
+            park.release()
+        while True:
+            try:
+                task = self._tasks.popleft()
+            except IndexError:
+                break
+            task.run()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+
+
+def _check_num_threads(num_threads: object) -> int:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(
+            f"the number of interop threads must be an int, got {type(num_threads).__qualname__}"
+        )
+    if num_threads < 1:
+        raise ValueError(f"the number of interop threads must be >= 1, got {num_threads}")
+    return num_threads
+
+
+def _cpus() -> int:
+    return os.cpu_count() or 1
+
+
+def _register_exit(pool: InteropPool) -> None:
+    """Have ``pool`` finish its queue at interpreter exit, before daemon threads are dropped."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - every CPython we support has it
+        import atexit
+
+        atexit.register(pool._finish_at_exit)
+    else:
+        register(pool._finish_at_exit)
+
+
+_DEFAULT_POOL: InteropPool | None = None
+_DEFAULT_POOL_LOCK = threading.Lock()
+
+
+def default_pool() -> InteropPool:
+    """The process-wide pool behind ``fork``, made on first use."""
+    pool = _DEFAULT_POOL
+    if pool is None:
+        with _DEFAULT_POOL_LOCK:
+            pool = _DEFAULT_POOL
+            if pool is None:
+                pool = _set_default_pool(InteropPool())
+    return pool
+
+
+def _set_default_pool(pool: InteropPool) -> InteropPool:
+    global _DEFAULT_POOL
+    _DEFAULT_POOL = pool
+    return pool
+
+
+def set_num_interop_threads(num_threads: int) -> None:
+    """Set how many threads run forked tasks; works at any time, unlike in torch.
+
+    Raises:
+        TypeError, ValueError: ``num_threads`` is not a positive int.
+    """
+    size = _check_num_threads(num_threads)
+    with _DEFAULT_POOL_LOCK:
+        pool = _DEFAULT_POOL
+        if pool is None:
+            _set_default_pool(InteropPool(size))
+            return
+    pool.resize(size)
+
+
+def get_num_interop_threads() -> int:
+    """The number of threads that run forked tasks (default: the number of CPUs)."""
+    return default_pool().size
+
+
+def fork(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """Start ``func(*args, **kwargs)`` on the interop pool and return its Future at once.
+
+    Unlike ``torch.jit.fork`` in eager mode, the call really runs in parallel (for code that
+    releases the GIL: I/O, sleeps, numpy and torch ops).  Its exception goes into the Future,
+    never out of ``fork``.  ``func`` may be any callable, an ``nn.Module`` included.
+
+    Raises:
+        TypeError: ``func`` is not callable.
+    """
+    return default_pool().submit(func, *args, **kwargs)
+
+
+def wait(future: Future[T]) -> T:
+    """Return the result of a forked task, running it in this thread if no worker has started it.
+
+    Raises:
+        TypeError: ``future`` is not a thenable Future.
+        Exception: the task's own exception.
+    """
+    if not isinstance(future, Future):
+        raise TypeError(
+            f"wait() takes the Future returned by fork(), got {type(future).__qualname__}"
+        )
+    return future.wait()
