@@ -10,6 +10,7 @@ the thenable computation.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from thenable._future import Future
@@ -43,10 +44,9 @@ def to_asyncio(
     target: asyncio.Future[T] = loop.create_future()
 
     def copy_outcome(done: Future[T]) -> None:
-        try:
+        # A closed loop raises RuntimeError: nobody can await the target any more.
+        with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_copy_into_asyncio, done, target)
-        except RuntimeError:  # the loop is closed: nobody can await the target any more
-            pass
 
     future.add_done_callback(copy_outcome)
     return target
@@ -55,8 +55,15 @@ def to_asyncio(
 def _copy_into_asyncio(source: Future[T], target: asyncio.Future[T]) -> None:
     if target.done():  # cancelled by its awaiter
         return
-    if source._exception is not None:
-        target.set_exception(source._exception)
+    exception = source._exception
+    if isinstance(exception, StopIteration):
+        # asyncio refuses StopIteration (it would end the awaiting coroutine silently); wrap
+        # it the way asyncio wraps one escaping from a coroutine.
+        wrapped = RuntimeError(f"the thenable Future failed with StopIteration: {exception!r}")
+        wrapped.__cause__ = exception
+        exception = wrapped
+    if exception is not None:
+        target.set_exception(exception)
     else:
         target.set_result(source._result)
 

@@ -47,7 +47,7 @@ def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]:
     if not items:
         combined.set_result(items)
         return combined
-    countdown = _Countdown(items, combined)  # type: ignore[arg-type]
+    countdown = _Countdown(items, combined)
     for future in items:
         future.add_done_callback(countdown)
     return combined
@@ -94,7 +94,7 @@ def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list
     if not items:
         return []
     combined: Future[list[T]] = Future()
-    tracker = _AllOrFirstError(items, combined)  # type: ignore[arg-type]
+    tracker = _AllOrFirstError(items, combined)
     for future in items:
         future.add_done_callback(tracker)
         if combined.done():

@@ -11,10 +11,10 @@ its stream before ``set_result`` when passing CUDA tensors between streams.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 # What users may pass: device indices, strings like "cuda:0", or torch.device objects.
-DeviceSpec = Union[Sequence[Any], None]
+DeviceSpec = Sequence[Any] | None
 
 
 def normalize(devices: DeviceSpec) -> tuple[Any, ...]:

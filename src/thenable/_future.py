@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
@@ -61,7 +61,7 @@ class _Trampoline(threading.local):
 
     def __init__(self) -> None:
         self.depth = 0
-        self.deferred: deque[tuple[Future[Any], list[Callable[[Future[Any]], None]]]] = deque()
+        self.deferred: deque[tuple[Future[Any], list[Callable[[Future[Any]], object]]]] = deque()
 
 
 _TRAMPOLINE = _Trampoline()
@@ -111,7 +111,7 @@ class Future(Generic[T]):
     # The exception's traceback as it was at completion, restored on every re-raise so that
     # repeated waits (or a failure flowing down a long then-chain) do not grow it.
     _traceback: TracebackType | None
-    _callbacks: list[Callable[[Future[Any]], None]] | None
+    _callbacks: list[Callable[[Future[Any]], object]] | None
     _waiters: list[Any] | None
     # A task that a waiter may run itself instead of blocking (set by the fork pool); see wait().
     _run_inline: Callable[[], None] | None
@@ -274,13 +274,13 @@ class Future(Generic[T]):
             self = None  # type: ignore[assignment]
 
     def _block(self, timeout: float | None) -> None:
-        """Wait for completion, helping first: run this thread's deferred callbacks, or the task
-        itself if it has not started yet.  Raises TimeoutError."""
+        """Wait for completion, helping first: run this thread's deferred callbacks, and (when
+        there is no timeout) the task itself if no worker has started it.  Raises TimeoutError."""
         if _TRAMPOLINE.deferred:
             _drain_deferred(_TRAMPOLINE)
         run_inline = self._run_inline
-        if run_inline is not None and self._state is _PENDING:
-            run_inline()
+        if run_inline is not None and timeout is None and self._state is _PENDING:
+            run_inline()  # not under a timeout: the task could take longer than the waiter may
         with self._lock:
             if self._state is _FINISHED:
                 return
@@ -386,7 +386,7 @@ class _ThenCallback:
         child._try_complete(result, None)
 
 
-def _run_callbacks(future: Future[Any], callbacks: list[Callable[[Future[Any]], None]]) -> None:
+def _run_callbacks(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
     """Run ``callbacks`` for ``future`` inline, or defer them if this thread is nested too deep."""
     trampoline = _TRAMPOLINE
     depth = trampoline.depth
@@ -452,9 +452,9 @@ def check_futures(futures: object, caller: str) -> list[Future[Any]]:
     """Return ``futures`` as a list, raising TypeError naming any entry that is not a Future."""
     if isinstance(futures, Future):
         raise TypeError(f"{caller}() takes a list of Futures, got a single Future; wrap it: [fut]")
-    if not isinstance(futures, Sequence) and not hasattr(futures, "__iter__"):
+    if not isinstance(futures, Iterable):
         raise TypeError(f"{caller}() takes a list of Futures, got {type(futures).__qualname__}")
-    items = list(futures)  # type: ignore[call-overload]
+    items = list(futures)
     for index, item in enumerate(items):
         if not isinstance(item, Future):
             raise TypeError(

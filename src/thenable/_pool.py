@@ -13,8 +13,8 @@ A worker that blocks in ``Future.wait`` (on anything: a forked task running else
 reply, a user's Future) reports it through a thread-local hook; while it is blocked the pool
 does not count it, and starts a replacement if work is queued, so blocked tasks never shrink the
 capacity to run the others.  Surplus workers retire when they next look for work, which is also
-how ``resize`` shrinks the pool.  Queued tasks always run: at interpreter exit the pool finishes
-the queue before the process ends, as ``concurrent.futures`` does.
+how ``resize`` shrinks the pool.  Queued tasks always run: ``shutdown`` (called at interpreter
+exit too, as ``concurrent.futures`` does) refuses new tasks but finishes the queue.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -120,7 +121,7 @@ class InteropPool:
         if self._closing:
             task.future._run_inline = None
             task.future._complete(
-                None, RuntimeError("cannot fork new tasks: the interpreter is shutting down")
+                None, RuntimeError(f"cannot run new tasks: the pool {self._name} is shut down")
             )
             return task.future
         self._tasks.append(task)
@@ -201,9 +202,7 @@ class InteropPool:
                 if self._workers - self._blocked <= self._size:
                     continue
             with self._lock:
-                if self._workers - self._blocked > self._size or (
-                    self._closing and not tasks
-                ):
+                if self._workers - self._blocked > self._size or (self._closing and not tasks):
                     self._workers -= 1
                     self._threads.discard(threading.current_thread())
                     return
@@ -230,13 +229,19 @@ class InteropPool:
         with self._lock:
             self._blocked -= 1
 
-    def _finish_at_exit(self) -> None:
-        """Run what is queued, wait for the running tasks, and let every worker retire."""
+    def shutdown(self, wait: bool = True) -> None:
+        """Refuse new tasks (their Futures fail); queued tasks still run.
+
+        Args:
+            wait: run queued tasks in this thread too, and return once every task is done.
+        """
         with self._lock:
             self._closing = True
             parked, self._parked = self._parked, []
         for park in parked:
             park.release()
+        if not wait:
+            return
         while True:
             try:
                 task = self._tasks.popleft()
@@ -246,7 +251,8 @@ class InteropPool:
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
-            thread.join()
+            if thread is not threading.current_thread():
+                thread.join()
 
 
 def _check_num_threads(num_threads: object) -> int:
@@ -265,13 +271,20 @@ def _cpus() -> int:
 
 def _register_exit(pool: InteropPool) -> None:
     """Have ``pool`` finish its queue at interpreter exit, before daemon threads are dropped."""
+    pool_ref = weakref.ref(pool)
+
+    def finish() -> None:
+        alive = pool_ref()
+        if alive is not None:
+            alive.shutdown(wait=True)
+
     register = getattr(threading, "_register_atexit", None)
     if register is None:  # pragma: no cover - every CPython we support has it
         import atexit
 
-        atexit.register(pool._finish_at_exit)
+        atexit.register(finish)
     else:
-        register(pool._finish_at_exit)
+        register(finish)
 
 
 _DEFAULT_POOL: InteropPool | None = None

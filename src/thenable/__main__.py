@@ -1,0 +1,5 @@
+import sys
+
+from thenable.cli import main
+
+sys.exit(main())

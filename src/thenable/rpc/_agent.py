@@ -1,0 +1,618 @@
+"""The RPC agent: one per process; sends calls, serves calls, and owns the connections.
+
+Theory of operation
+-------------------
+A call (``call``) gets a fresh request id and a Future recorded in the pending table, is
+serialized (pickle 5, out-of-band buffers) and sent on the connection to its destination, made
+on first use.  The reply (RESPONSE or ERROR_RESPONSE with the same id) arrives on a reader thread,
+which removes the entry and completes the Future.  Every pending call ends exactly once: by its
+reply, its timeout (a timer), the loss of its connection, or shutdown.
+
+Incoming requests are deserialized and run on the handler pool (an ``InteropPool``), which starts
+a replacement thread whenever a handler blocks in a nested call, so nested ``rpc_sync`` never
+deadlocks a busy worker.  A function marked ``async_execution`` returns a Future; the reply is
+sent from that Future's callback, and no thread waits for it.
+
+Calls to this worker itself take the same path through a local link that copies the buffers, so
+the callee never aliases the caller's arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import heapq
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from thenable._future import Future
+from thenable._pool import InteropPool
+from thenable.rpc import _context
+from thenable.rpc._options import RpcBackendOptions, WorkerInfo
+from thenable.rpc._protocol import Connection, Message, MessageKind
+from thenable.rpc._rref import OwnerTable
+from thenable.rpc._serialize import dumps, dumps_exception, loads, loads_exception
+from thenable.rpc._transport import Listener, PeerConnection, connect
+from thenable.rpc.functions import is_async_execution
+
+__all__ = ("Agent", "AgentState", "WorkerAddress")
+
+_LOGGER = logging.getLogger("thenable.rpc.agent")
+
+# How long connecting to a peer that is known to be up may take.
+_CONNECT_TIMEOUT_S = 10.0
+
+
+class AgentState(enum.Enum):
+    """RUNNING -> SHUTTING_DOWN -> SHUT_DOWN; new calls are refused once SHUT_DOWN."""
+
+    RUNNING = "running"
+    SHUTTING_DOWN = "shutting down"
+    SHUT_DOWN = "shut down"
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """Where a worker listens, as learned at rendezvous."""
+
+    name: str
+    rank: int
+    host: str
+    port: int
+
+
+@dataclass
+class _Pending:
+    future: Future[Any]
+    peer_rank: int
+    link: Any  # PeerConnection or _LocalLink the request went out on
+    what: str  # for error messages: "call of module.fn on worker1"
+    counted: bool  # an application call, counted for the shutdown barrier
+
+
+class Agent:
+    """The process's RPC worker; made by ``init_rpc``, ended by ``shutdown``."""
+
+    def __init__(
+        self,
+        name: str,
+        rank: int,
+        world_size: int,
+        options: RpcBackendOptions,
+        key: bytes | None,
+        listen: tuple[str, int],
+    ) -> None:
+        self.name = name
+        self.rank = rank
+        self.world_size = world_size
+        self.options = options
+        self._key = key
+        self._identity = json.dumps({"name": name, "rank": rank}).encode()
+        self._state = AgentState.RUNNING
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        # Invariant (under _lock): every Future in _pending is pending, and is completed by
+        # whoever removes its entry.
+        self._pending: dict[int, _Pending] = {}
+        self._issued = 0  # application calls sent so far, for the shutdown barrier
+        # Requests received and not yet answered; shutdown waits for them to reach zero.
+        self._unanswered = 0
+        self._answered = threading.Condition(self._lock)
+        self._workers: dict[int, WorkerAddress] = {}
+        self._ranks_by_name: dict[str, int] = {}
+        self._links: dict[int, Any] = {}  # rank -> PeerConnection in use for requests to it
+        self._connecting: dict[int, Future[PeerConnection]] = {}
+        self._all_connections: set[PeerConnection] = set()
+        self._local_link = _LocalLink(self)
+        self.rrefs = OwnerTable(self)
+        self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
+        self._timer = _Timer(f"thenable-rpc-timer-{name}")
+        self.listener = Listener(
+            listen[0],
+            listen[1],
+            key=key,
+            identity=self._identity,
+            max_frame_bytes=options.max_message_bytes,
+            on_accept=self._on_accept,
+        )
+        # Rank 0's join and barrier bookkeeping (a _rendezvous.Coordinator), set before start().
+        self.coordinator: Any = None
+        self._ready = threading.Event()
+
+    def start(self) -> None:
+        """Start accepting connections."""
+        self.listener.start()
+
+    # -- identity and routing -----------------------------------------------------------------
+
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    def set_workers(self, workers: Sequence[WorkerAddress]) -> None:
+        """Install the table of every worker, learned at rendezvous."""
+        with self._lock:
+            self._workers = {w.rank: w for w in workers}
+            self._ranks_by_name = {w.name: w.rank for w in workers}
+        self._ready.set()
+
+    def worker_info(self, name: str | None = None) -> WorkerInfo:
+        if name is None:
+            return WorkerInfo(self.name, self.rank)
+        return WorkerInfo(name, self.resolve(name))
+
+    def all_worker_infos(self) -> list[WorkerInfo]:
+        return [WorkerInfo(w.name, w.rank) for w in sorted(self._workers.values(), key=_rank)]
+
+    def name_of(self, rank: int) -> str:
+        worker = self._workers.get(rank)
+        return worker.name if worker is not None else f"rank {rank}"
+
+    def resolve(self, to: object) -> int:
+        """The rank of a destination given as name, rank or WorkerInfo.
+
+        Raises:
+            ValueError: no such worker.
+            TypeError: ``to`` is of another type.
+        """
+        if not self._ready.is_set():
+            # A handler may run before init_rpc has learned the table (a peer was faster).
+            self._ready.wait(self.options.rpc_timeout or None)
+        if isinstance(to, WorkerInfo):
+            to = to.id
+        if isinstance(to, str):
+            rank = self._ranks_by_name.get(to)
+            if rank is None:
+                raise ValueError(
+                    f"unknown destination worker {to!r}; the workers are "
+                    f"{sorted(self._ranks_by_name)}"
+                )
+            return rank
+        if isinstance(to, int) and not isinstance(to, bool):
+            if to not in self._workers:
+                raise ValueError(
+                    f"unknown destination rank {to}; ranks are 0..{self.world_size - 1}"
+                )
+            return to
+        raise TypeError(
+            f"the destination must be a worker name, rank or WorkerInfo, got "
+            f"{type(to).__qualname__}"
+        )
+
+    # -- calling ------------------------------------------------------------------------------
+
+    def call(
+        self,
+        to_rank: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+        *,
+        counted: bool = True,
+    ) -> Future[Any]:
+        """Send ``fn(*args, **kwargs)`` to ``to_rank``; return the Future of its reply.
+
+        Raises (at once, in the caller):
+            RuntimeError: the agent is shut down.
+            SerializationError: an argument cannot be pickled.
+        """
+        if self._state is AgentState.SHUT_DOWN:
+            raise RuntimeError(
+                "RPC is shut down on this worker; call init_rpc() again to make new calls"
+            )
+        what = f"call of {_qualname(fn)} on {self.name_of(to_rank)}"
+        with _context.sending(self, to_rank, is_request=True) as record:
+            header, buffers = dumps((fn, args, kwargs))
+        future: Future[Any] = Future()
+        if record.holds:  # RRefs that must stay alive until the reply (see _rref)
+            future.add_done_callback(functools.partial(_keep_until_done, record.holds))
+        request_id = next(self._ids)
+        try:
+            link = self._link_to(to_rank)
+        except (OSError, ConnectionError) as exc:
+            record.unsent()
+            error = ConnectionError(f"{what} failed: cannot reach {self.name_of(to_rank)}: {exc}")
+            future._complete(None, error)
+            return future
+        with self._lock:
+            self._pending[request_id] = _Pending(future, to_rank, link, what, counted)
+            if counted:
+                self._issued += 1
+        if timeout > 0:
+            self._timer.schedule(timeout, self._expire, request_id, timeout)
+        try:
+            link.send(MessageKind.REQUEST, request_id, header, buffers)
+        except ConnectionError as exc:
+            record.unsent()
+            self._fail(request_id, ConnectionError(f"{what} failed: {exc}"))
+        else:
+            record.sent()
+        return future
+
+    def _expire(self, request_id: int, timeout: float) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            error = TimeoutError(f"RPC {pending.what} timed out after {timeout} s")
+            # Completed on the pool: user callbacks must not stall the timer thread.
+            self.pool.submit(pending.future._complete, None, error)
+
+    def _fail(self, request_id: int, error: BaseException) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.future._complete(None, error)
+
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def issued_count(self) -> int:
+        with self._lock:
+            return self._issued
+
+    def wait_idle(self, deadline: float | None) -> None:
+        """Block until no call of this worker is pending (or ``deadline`` passes)."""
+        while True:
+            with self._lock:
+                futures = [p.future for p in self._pending.values()]
+            if not futures:
+                return
+            for future in futures:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    future.wait(left)
+                except TimeoutError:
+                    raise
+                except BaseException:
+                    pass  # its failure belongs to its caller; we only wait for it to end
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _link_to(self, rank: int) -> Any:
+        if rank == self.rank:
+            return self._local_link
+        link = self._links.get(rank)
+        if link is not None and not link.closed:
+            return link
+        with self._lock:
+            link = self._links.get(rank)
+            if link is not None and not link.closed:
+                return link
+            connecting = self._connecting.get(rank)
+            leader = connecting is None
+            if connecting is None:
+                connecting = self._connecting[rank] = Future()
+        if leader:
+            try:
+                connecting.set_result(self._connect(rank))
+            except BaseException as exc:
+                connecting._complete(None, exc)
+            finally:
+                with self._lock:
+                    self._connecting.pop(rank, None)
+        return connecting.wait()
+
+    def _connect(self, rank: int) -> PeerConnection:
+        worker = self._workers.get(rank)
+        if worker is None:
+            raise ConnectionError(f"no address known for rank {rank}")
+        return self.connect_to(rank, (worker.host, worker.port), _CONNECT_TIMEOUT_S)
+
+    def connect_to(self, rank: int, address: tuple[str, int], timeout: float) -> PeerConnection:
+        """Connect to the worker ``rank`` at ``address`` and use it for requests to that rank."""
+        sock, protocol, identity = connect(
+            address,
+            key=self._key,
+            identity=self._identity,
+            max_frame_bytes=self.options.max_message_bytes,
+            timeout=timeout,
+        )
+        peer_name, peer_rank = _parse_identity(identity)
+        if peer_rank != rank:
+            sock.close()
+            raise ConnectionError(
+                f"expected rank {rank} at {address[0]}:{address[1]}, found {peer_name!r} "
+                f"(rank {peer_rank})"
+            )
+        conn = self._adopt(sock, protocol, identity, peer_name, peer_rank)
+        with self._lock:
+            self._links[rank] = conn
+        return conn
+
+    def _on_accept(self, sock: socket.socket, protocol: Connection, identity: bytes) -> None:
+        peer_name, peer_rank = _parse_identity(identity)
+        conn = self._adopt(sock, protocol, identity, peer_name, peer_rank)
+        with self._lock:
+            link = self._links.get(peer_rank)
+            if link is None or link.closed:
+                self._links[peer_rank] = conn
+
+    def _adopt(
+        self,
+        sock: socket.socket,
+        protocol: Connection,
+        identity: bytes,
+        peer_name: str,
+        peer_rank: int,
+    ) -> PeerConnection:
+        conn = PeerConnection(
+            sock,
+            protocol,
+            identity,
+            on_message=self._on_message,
+            on_closed=self._on_closed,
+            description=f"{peer_name} (rank {peer_rank})",
+        )
+        conn.peer_rank = peer_rank
+        with self._lock:
+            if self._state is AgentState.SHUT_DOWN:
+                sock.close()
+                raise ConnectionError("this worker is shut down")
+            self._all_connections.add(conn)
+        conn.start()
+        return conn
+
+    def _on_closed(self, conn: PeerConnection, error: BaseException | None) -> None:
+        """A connection is gone: every call waiting on it fails now, not at its timeout."""
+        with self._lock:
+            self._all_connections.discard(conn)
+            if self._links.get(conn.peer_rank) is conn:
+                del self._links[conn.peer_rank]
+            lost = [rid for rid, p in self._pending.items() if p.link is conn]
+            entries = [self._pending.pop(rid) for rid in lost]
+        if self._state is AgentState.SHUT_DOWN:
+            reason = "RPC was shut down"
+        else:
+            reason = f"lost the connection to {conn.description}" + (
+                f": {error}" if error is not None else " (it closed)"
+            )
+        for entry in entries:
+            entry.future._complete(None, ConnectionError(f"RPC {entry.what} failed: {reason}"))
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _on_message(self, link: Any, message: Message) -> None:
+        kind = message.kind
+        if kind is MessageKind.REQUEST:
+            with self._lock:
+                self._unanswered += 1
+            self.pool.submit(self._serve, link, message)
+        elif kind is MessageKind.RESPONSE or kind is MessageKind.ERROR_RESPONSE:
+            self._on_reply(link, message)
+        else:
+            _LOGGER.warning("ignoring a %s message from %r", kind.name, link)
+
+    def _on_reply(self, link: Any, message: Message) -> None:
+        with self._lock:
+            pending = self._pending.pop(message.request_id, None)
+        if pending is None:
+            return  # it timed out or was failed already; the late reply is dropped
+        try:
+            with _context.receiving(self, pending.peer_rank):
+                if message.kind is MessageKind.RESPONSE:
+                    value = loads(message.header, message.buffers)
+                    exception = None
+                else:
+                    value = None
+                    exception = loads_exception(message.header, message.buffers)
+        except Exception as exc:
+            value = None
+            exception = RuntimeError(f"RPC {pending.what}: cannot load the reply: {exc}")
+            exception.__cause__ = exc
+        pending.future._complete(value, exception)
+
+    def _serve(self, link: Any, message: Message) -> None:
+        """Run one incoming request on this (pool) thread and send its reply."""
+        request_id = message.request_id
+        try:
+            with _context.receiving(self, link.peer_rank):
+                fn, args, kwargs = loads(message.header, message.buffers)
+            del message
+            result = fn(*args, **kwargs)
+            if is_async_execution(fn):
+                if not isinstance(result, Future):
+                    raise TypeError(
+                        f"{_qualname(fn)} is marked @async_execution but returned "
+                        f"{type(result).__qualname__}, not a thenable Future"
+                    )
+                result.add_done_callback(lambda done: self._reply_with(link, request_id, done))
+                return
+        except BaseException as exc:
+            self._send_error(link, request_id, exc)
+            return
+        self._send_result(link, request_id, result)
+
+    def _reply_with(self, link: Any, request_id: int, done: Future[Any]) -> None:
+        if done._exception is not None:
+            self._send_error(link, request_id, done._exception)
+        else:
+            self._send_result(link, request_id, done._result)
+
+    def _send_result(self, link: Any, request_id: int, result: Any) -> None:
+        try:
+            with _context.sending(self, link.peer_rank, is_request=False) as record:
+                header, buffers = dumps(result)
+        except Exception as exc:
+            self._send_error(link, request_id, exc)
+            return
+        if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers):
+            record.sent()
+        else:
+            record.unsent()
+
+    def _send_error(self, link: Any, request_id: int, exc: BaseException) -> None:
+        header, buffers = dumps_exception(exc, origin=f"worker {self.name} (rank {self.rank})")
+        self._send_reply(link, MessageKind.ERROR_RESPONSE, request_id, header, buffers)
+
+    def _send_reply(
+        self,
+        link: Any,
+        kind: MessageKind,
+        request_id: int,
+        header: bytes,
+        buffers: list[memoryview],
+    ) -> bool:
+        try:
+            link.send(kind, request_id, header, buffers)
+        except ConnectionError as exc:
+            _LOGGER.info("could not reply to request %d: %s", request_id, exc)
+            return False
+        finally:
+            with self._lock:
+                self._unanswered -= 1
+                if not self._unanswered:
+                    self._answered.notify_all()
+        return True
+
+    def wait_answered(self, deadline: float | None) -> None:
+        """Block until every request received so far has been answered (or ``deadline``)."""
+        with self._lock:
+            while self._unanswered:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(
+                        f"{self._unanswered} request(s) to worker {self.name!r} still unanswered"
+                    )
+                self._answered.wait(left)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        with self._lock:
+            if self._state is AgentState.RUNNING:
+                self._state = AgentState.SHUTTING_DOWN
+
+    def stop(self) -> None:
+        """Close everything at once; every call still pending fails with a clear error."""
+        with self._lock:
+            if self._state is AgentState.SHUT_DOWN:
+                return
+            self._state = AgentState.SHUT_DOWN
+            entries = list(self._pending.values())
+            self._pending.clear()
+            connections = list(self._all_connections)
+        self.listener.close()
+        for conn in connections:
+            conn.close()
+        for entry in entries:
+            entry.future._complete(
+                None, RuntimeError(f"RPC {entry.what} failed: RPC was shut down on this worker")
+            )
+        self._timer.close()
+        self.rrefs.close()
+        self.pool.shutdown(wait=False)
+
+
+class _LocalLink:
+    """The link for calls to this worker itself: delivers messages with copied buffers."""
+
+    closed = False
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self.peer_rank = agent.rank
+
+    def __repr__(self) -> str:
+        return f"<local link of {self._agent.name}>"
+
+    def send(
+        self,
+        kind: MessageKind,
+        request_id: int,
+        header: bytes,
+        buffers: Sequence[memoryview] = (),
+    ) -> None:
+        copies = [memoryview(bytearray(b)) for b in buffers]  # the callee owns its data
+        message = Message(kind, request_id, 0, memoryview(header), copies)
+        self._agent._on_message(self, message)
+
+
+class _Timer:
+    """One thread that runs callbacks at deadlines (for RPC timeouts)."""
+
+    def __init__(self, name: str) -> None:
+        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self._condition = threading.Condition(threading.Lock())
+        self._closed = False
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
+        entry = (time.monotonic() + delay, next(self._seq), callback, args)
+        with self._condition:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, entry)
+            if self._heap[0] is entry:
+                self._condition.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._heap.clear()
+            self._condition.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._closed:
+                    if not self._heap:
+                        self._condition.wait()
+                        continue
+                    delay = self._heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        break
+                    self._condition.wait(delay)
+                if self._closed:
+                    return
+                _, _, callback, args = heapq.heappop(self._heap)
+            try:
+                callback(*args)
+            except Exception:
+                _LOGGER.exception("timer callback %r failed", callback)
+
+
+def _keep_until_done(holds: list[Any], _: Future[Any]) -> None:
+    """A callback whose only job is to reference ``holds`` until the Future completes."""
+
+
+def _parse_identity(identity: bytes) -> tuple[str, int]:
+    """The (name, rank) a peer announced in its handshake.
+
+    Raises:
+        ValueError: the identity is not what a thenable worker sends.
+    """
+    try:
+        data = json.loads(identity)
+        name, rank = data["name"], data["rank"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"peer sent an invalid identity {identity[:80]!r}") from None
+    if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
+        raise ValueError(f"peer sent an invalid identity {identity[:80]!r}")
+    return name, rank
+
+
+def _qualname(fn: object) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else str(name)
+
+
+def _rank(worker: WorkerAddress) -> int:
+    return worker.rank

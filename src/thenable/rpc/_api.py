@@ -1,0 +1,218 @@
+"""The public RPC calls, with torch.distributed.rpc's signatures: checks, then the agent."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from thenable._future import Future
+from thenable.rpc import _context
+from thenable.rpc._agent import Agent
+from thenable.rpc._options import (
+    RpcBackendOptions,
+    WorkerInfo,
+    resolve_auth_key,
+    resolve_rank_and_world_size,
+)
+from thenable.rpc._rendezvous import (
+    Coordinator,
+    is_loopback,
+    join,
+    listen_host,
+    master_address,
+    shutdown_barrier,
+)
+from thenable.rpc._rref import RRef, agent_timeout, remote_call
+
+__all__ = (
+    "BackendType",
+    "get_worker_info",
+    "init_rpc",
+    "remote",
+    "rpc_async",
+    "rpc_sync",
+    "shutdown",
+)
+
+T = TypeVar("T")
+
+_LOGGER = logging.getLogger("thenable.rpc")
+
+
+class BackendType(enum.Enum):
+    """Accepted for compatibility with torch; thenable has one backend (TCP, pickle 5)."""
+
+    TENSORPIPE = "TENSORPIPE"
+
+
+def init_rpc(
+    name: str,
+    backend: BackendType | None = None,
+    rank: int = -1,
+    world_size: int | None = None,
+    rpc_backend_options: RpcBackendOptions | None = None,
+) -> None:
+    """Start this process's RPC worker and wait until all ``world_size`` workers have joined.
+
+    Args:
+        name: this worker's unique name (used as the destination of calls).
+        backend: ignored (torch compatibility).
+        rank: this worker's rank; -1 takes it from the launcher's environment (``RANK``,
+            ``SLURM_PROCID``, ``OMPI_COMM_WORLD_RANK``).
+        world_size: the number of workers; None takes it from the environment likewise.
+        rpc_backend_options: see ``RpcBackendOptions``; default options otherwise.
+
+    Raises:
+        RuntimeError: RPC is already running in this process.
+        ValueError: a bad name, rank, world size or master address.
+        TimeoutError: the other workers did not all join within ``rpc_timeout``; the message
+            names the missing ranks.
+    """
+    if _context.current_agent() is not None:
+        raise RuntimeError(
+            "init_rpc() was already called in this process; call shutdown() before starting "
+            "RPC again"
+        )
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise ValueError(f"name must be a non-empty string of at most 128 characters: {name!r}")
+    if backend is not None and not isinstance(backend, BackendType):
+        raise TypeError(f"backend must be a BackendType or None, got {backend!r}")
+    options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
+    if not isinstance(options, RpcBackendOptions):
+        raise TypeError(
+            f"rpc_backend_options must be thenable.rpc.RpcBackendOptions, got "
+            f"{type(options).__qualname__}"
+        )
+    rank, world_size = resolve_rank_and_world_size(rank, world_size)
+    key = resolve_auth_key(options, os.environ)
+    master = master_address(options.init_method, os.environ)
+    host = listen_host(master[0])
+    if key is None and not is_loopback(host):
+        _LOGGER.warning(
+            "RPC worker %s listens on %s without authentication: anyone who can reach it can "
+            "run code in this process; set THENABLE_AUTH_KEY (or RpcBackendOptions.auth_key) "
+            "on every worker",
+            name,
+            host,
+        )
+    deadline = time.monotonic() + options.rpc_timeout if options.rpc_timeout else None
+    try:
+        agent = Agent(name, rank, world_size, options, key, master if rank == 0 else (host, 0))
+    except OSError as exc:
+        where = f"{master[0]}:{master[1]}" if rank == 0 else host
+        raise OSError(exc.errno, f"RPC worker {name!r} cannot listen on {where}: {exc}") from exc
+    if rank == 0:
+        agent.coordinator = Coordinator(agent)
+    _context.set_agent(agent)
+    try:
+        agent.start()
+        agent.set_workers(join(agent, master, deadline))
+    except BaseException:
+        agent.stop()
+        _context.set_agent(None)
+        raise
+
+
+def shutdown(graceful: bool = True, timeout: float = 0) -> None:
+    """Stop this process's RPC worker.
+
+    Args:
+        graceful: first wait until every worker has finished all its outstanding calls (a
+            barrier across the group), so no reply is lost; False stops at once and fails this
+            worker's pending calls.
+        timeout: seconds for the graceful part; 0 means no limit.
+
+    Raises:
+        RuntimeError: RPC is not running in this process.
+        TimeoutError: the graceful part did not finish in time (the worker is stopped anyway).
+    """
+    agent = _context.require_agent()
+    try:
+        if graceful:
+            deadline = time.monotonic() + timeout if timeout else None
+            agent.begin_shutdown()
+            agent.rrefs.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            shutdown_barrier(agent, deadline)
+            agent.wait_answered(deadline)  # the barrier's own replies to the others included
+    finally:
+        agent.stop()
+        _context.set_agent(None)
+
+
+def _resolve_call(
+    to: Any, func: Any, args: Any, kwargs: Any
+) -> tuple[Agent, int, tuple[Any, ...], dict[str, Any]]:
+    agent = _context.require_agent()
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__qualname__}")
+    if args is None:
+        args = ()
+    elif not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple (or list), got {type(args).__qualname__}")
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, got {type(kwargs).__qualname__}")
+    return agent, agent.resolve(to), tuple(args), kwargs
+
+
+def rpc_async(
+    to: str | int | WorkerInfo,
+    func: Callable[..., T],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> Future[T]:
+    """Run ``func(*args, **kwargs)`` on worker ``to``; return the Future of its result.
+
+    The Future fails with the remote exception (its original type, with the remote traceback as
+    ``__cause__``), TimeoutError after ``timeout`` seconds (-1: the default ``rpc_timeout``, 0:
+    none), or ConnectionError if the worker goes away.
+
+    Raises (at once):
+        RuntimeError: RPC is not initialized.
+        ValueError: ``to`` names no worker.
+        TypeError: bad ``func``, ``args`` or ``kwargs``.
+        SerializationError: an argument cannot be pickled.
+    """
+    agent, rank, call_args, call_kwargs = _resolve_call(to, func, args, kwargs)
+    return agent.call(rank, func, call_args, call_kwargs, agent_timeout(agent, timeout))
+
+
+def rpc_sync(
+    to: str | int | WorkerInfo,
+    func: Callable[..., T],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> T:
+    """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result (see ``rpc_async``)."""
+    return rpc_async(to, func, args, kwargs, timeout).wait()
+
+
+def remote(
+    to: str | int | WorkerInfo,
+    func: Callable[..., T],
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> RRef[T]:
+    """Run ``func(*args, **kwargs)`` on worker ``to`` and return an RRef to the result there.
+
+    Errors in ``func`` are raised by ``to_here()`` (and the RRef proxies).
+    """
+    agent, rank, call_args, call_kwargs = _resolve_call(to, func, args, kwargs)
+    return remote_call(agent, rank, func, call_args, call_kwargs, timeout)
+
+
+def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
+    """The WorkerInfo of ``worker_name``, or of this worker.
+
+    Raises:
+        ValueError: no worker has that name.
+    """
+    return _context.require_agent().worker_info(worker_name)

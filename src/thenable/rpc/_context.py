@@ -1,0 +1,120 @@
+"""Process-wide and per-thread context of the RPC layer.
+
+The current agent (set by ``init_rpc``, cleared by ``shutdown``), and, while a message is being
+pickled or unpickled, which worker it goes to or comes from: an RRef needs that to register the
+new reference with its owner (see ``_rref``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from thenable.rpc._agent import Agent
+
+__all__ = ("ForkRecord", "current_agent", "receiving", "require_agent", "sending", "set_agent")
+
+_AGENT: Agent | None = None
+
+
+def set_agent(agent: Agent | None) -> None:
+    global _AGENT
+    _AGENT = agent
+
+
+def current_agent() -> Agent | None:
+    return _AGENT
+
+
+def require_agent() -> Agent:
+    """The running agent, or a RuntimeError telling the user to call ``init_rpc`` first."""
+    agent = _AGENT
+    if agent is None:
+        raise RuntimeError(
+            "RPC has not been initialized on this process: call "
+            "thenable.rpc.init_rpc(name, rank=..., world_size=...) first"
+        )
+    return agent
+
+
+class ForkRecord:
+    """What pickling one message did to RRef references, to finish or undo once it is sent.
+
+    Attributes:
+        is_request: the message is a request (its reply tells that the peer processed it).
+        holds: RRefs to keep alive until the reply arrives.
+        undo: what to run if the message is never sent.
+        after_send: what to run once it has been sent.
+    """
+
+    def __init__(self, is_request: bool) -> None:
+        self.is_request = is_request
+        self.holds: list[Any] = []
+        self.undo: list[Callable[[], None]] = []
+        self.after_send: list[Callable[[], None]] = []
+
+    def sent(self) -> None:
+        for action in self.after_send:
+            action()
+
+    def unsent(self) -> None:
+        for action in self.undo:
+            action()
+
+
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.destination: int | None = None
+        self.source: int | None = None
+        self.agent: Any = None
+        self.forks: ForkRecord | None = None
+
+
+_LOCAL = _Local()
+
+
+@contextlib.contextmanager
+def sending(agent: Agent, destination: int, *, is_request: bool) -> Iterator[ForkRecord]:
+    """Pickling a message for ``destination``; RRefs pickled now note their forks in the record.
+
+    If pickling fails the record is undone here; otherwise the caller calls ``sent()`` or
+    ``unsent()`` once it knows whether the message left.
+    """
+    saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.forks)
+    record = ForkRecord(is_request)
+    _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = agent, destination, record
+    try:
+        yield record
+    except BaseException:
+        record.unsent()
+        raise
+    finally:
+        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = saved
+
+
+@contextlib.contextmanager
+def receiving(agent: Agent, source: int) -> Iterator[None]:
+    """Unpickling a message from ``source``."""
+    saved = (_LOCAL.agent, _LOCAL.source)
+    _LOCAL.agent, _LOCAL.source = agent, source
+    try:
+        yield
+    finally:
+        _LOCAL.agent, _LOCAL.source = saved
+
+
+def sending_to() -> tuple[Agent, int, ForkRecord] | None:
+    """(agent, destination, record) while a message is being pickled, else None."""
+    if _LOCAL.forks is None or _LOCAL.destination is None:
+        return None
+    return _LOCAL.agent, _LOCAL.destination, _LOCAL.forks
+
+
+def received_from() -> tuple[Agent, int] | None:
+    """(agent, source) while a message is being unpickled, else None."""
+    if _LOCAL.source is None:
+        return None
+    return _LOCAL.agent, _LOCAL.source

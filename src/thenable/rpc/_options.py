@@ -1,0 +1,134 @@
+"""Configuration of an RPC worker: backend options, worker identity, and the launchers' env."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+__all__ = (
+    "DEFAULT_INIT_METHOD",
+    "DEFAULT_RPC_TIMEOUT_SEC",
+    "RpcBackendOptions",
+    "WorkerInfo",
+    "resolve_auth_key",
+    "resolve_rank_and_world_size",
+)
+
+DEFAULT_RPC_TIMEOUT_SEC = 60.0
+DEFAULT_INIT_METHOD = "env://"
+_AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
+
+# (rank variable, world size variable) of the launchers we understand, in order of preference.
+_LAUNCHER_ENV = (
+    ("RANK", "WORLD_SIZE"),  # torchrun, thenable launch
+    ("SLURM_PROCID", "SLURM_NTASKS"),  # Slurm's srun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI's mpirun
+    ("PMI_RANK", "PMI_SIZE"),  # MPICH / Intel MPI
+)
+
+
+class WorkerInfo(NamedTuple):
+    """A worker's name and id (its rank), as returned by ``get_worker_info``."""
+
+    name: str
+    id: int
+
+
+@dataclasses.dataclass
+class RpcBackendOptions:
+    """Options of ``init_rpc``, named as torch's ``TensorPipeRpcBackendOptions``.
+
+    Attributes:
+        init_method: ``"env://"`` (``MASTER_ADDR``/``MASTER_PORT``) or ``"tcp://host:port"``,
+            where rank 0 listens and every worker finds the others.
+        rpc_timeout: default seconds a call may take before it fails with TimeoutError;
+            0 means no limit.  Also bounds ``init_rpc``'s wait for the other workers.
+        num_worker_threads: threads that run incoming calls; the pool grows beyond this while
+            handlers block in nested calls, so nested calls cannot deadlock.
+        auth_key: shared secret the workers prove to each other before any data is unpickled;
+            default ``THENABLE_AUTH_KEY`` from the environment; ``None`` there too means no
+            authentication (as in torch).
+        max_message_bytes: the largest message this worker accepts.
+        device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
+            sent yet, so they must stay empty.
+    """
+
+    init_method: str = DEFAULT_INIT_METHOD
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT_SEC
+    num_worker_threads: int = 16
+    auth_key: bytes | str | None = None
+    max_message_bytes: int = 1 << 30
+    device_maps: dict[str, Any] = dataclasses.field(default_factory=dict)
+    devices: list[Any] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.init_method, str) or not self.init_method.startswith(
+            ("env://", "tcp://")
+        ):
+            raise ValueError(
+                f"init_method must be 'env://' or 'tcp://host:port', got {self.init_method!r}"
+            )
+        if isinstance(self.rpc_timeout, bool) or not isinstance(self.rpc_timeout, (int, float)):
+            raise TypeError(f"rpc_timeout must be seconds, got {self.rpc_timeout!r}")
+        if self.rpc_timeout < 0:
+            raise ValueError(f"rpc_timeout must be >= 0 (0: no limit), got {self.rpc_timeout}")
+        if isinstance(self.num_worker_threads, bool) or not isinstance(
+            self.num_worker_threads, int
+        ):
+            raise TypeError(f"num_worker_threads must be an int, got {self.num_worker_threads!r}")
+        if self.num_worker_threads < 1:
+            raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
+        if self.auth_key is not None and not isinstance(self.auth_key, (bytes, str)):
+            raise TypeError(f"auth_key must be bytes or str, got {type(self.auth_key).__name__}")
+        if self.device_maps or self.devices:
+            raise NotImplementedError(
+                "device_maps/devices: sending CUDA tensors over RPC is not supported yet; move "
+                "tensors to CPU before sending them"
+            )
+
+
+def resolve_auth_key(options: RpcBackendOptions, env: Mapping[str, str]) -> bytes | None:
+    """The key from the options, else from ``THENABLE_AUTH_KEY``, else None."""
+    key = options.auth_key if options.auth_key is not None else env.get(_AUTH_KEY_ENV) or None
+    if isinstance(key, str):
+        key = key.encode()
+    if key is not None and not key:
+        raise ValueError("auth_key is empty; give a non-empty secret or None")
+    return key
+
+
+def resolve_rank_and_world_size(
+    rank: int, world_size: int | None, env: Mapping[str, str] = os.environ
+) -> tuple[int, int]:
+    """Rank and world size from the arguments, else from a launcher's environment variables.
+
+    Raises:
+        ValueError: neither the arguments nor the environment give them, or they are invalid.
+    """
+    for rank_var, size_var in _LAUNCHER_ENV:
+        if rank_var in env and size_var in env:
+            if rank < 0:
+                rank = _int_env(env, rank_var)
+            if world_size is None:
+                world_size = _int_env(env, size_var)
+            break
+    if rank < 0 or world_size is None:
+        raise ValueError(
+            "init_rpc needs rank and world_size: pass them, or run under a launcher that sets "
+            "RANK/WORLD_SIZE (thenable launch, torchrun), SLURM_PROCID/SLURM_NTASKS or "
+            "OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE"
+        )
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None

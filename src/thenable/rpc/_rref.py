@@ -1,0 +1,527 @@
+"""Remote references (RRef) and the distributed reference counting that keeps their values.
+
+Design note: the reference counting protocol
+--------------------------------------------
+Every RRef *object*, in any process, holds one *fork*: an id registered with the RRef's owner.
+The owner keeps a value while at least one fork is registered, and drops it when none is.
+
+- ``RRef(value)`` on the owner, and ``remote()`` (the owner registers the creator's fork when
+  the creation request arrives), make the first fork.
+- Pickling an RRef into a message makes the receiver's fork:
+  1. the sender is the owner: the owner registers the new fork at once;
+  2. the message is a request *to the owner*: no fork travels; the owner registers a local one
+     when it unpickles, and the sender keeps its own RRef alive until the reply, so the value
+     cannot be dropped in between;
+  3. otherwise (a third worker, or a reply to the owner): the sender invents the fork id, tells
+     the owner with an ``_add_fork`` call, and keeps its own RRef alive until the owner answers.
+- When an RRef object is garbage collected, its fork is released: the id goes onto a queue
+  (``__del__`` must not take locks or do I/O) that a background thread sends to the owner in
+  batches.  A release can overtake its fork's registration (case 3); the owner then remembers
+  it and cancels the registration when it comes.
+- Shutdown flushes the queue before the barrier, then drops every table: nothing outlives RPC.
+A worker that dies keeps its forks registered; their values live until the owner shuts down.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from thenable._future import Future
+from thenable.rpc import _context
+from thenable.rpc._options import WorkerInfo
+from thenable.rpc.functions import async_execution, is_async_execution
+
+if TYPE_CHECKING:
+    from thenable.rpc._agent import Agent
+
+__all__ = ("OwnerTable", "RRef")
+
+T = TypeVar("T")
+
+_LOGGER = logging.getLogger("thenable.rpc.rref")
+
+RRefId = tuple[int, int]  # (creator rank, counter)
+ForkId = tuple[int, int]  # (rank that made the fork, counter)
+
+_COUNTER = itertools.count(1)
+
+
+def _new_id(agent: Agent) -> tuple[int, int]:
+    return (agent.rank, next(_COUNTER))
+
+
+class _Entry:
+    """What the owner keeps for one RRef: its value (a Future) and the forks holding it."""
+
+    __slots__ = ("created", "forks", "value")
+
+    def __init__(self) -> None:
+        self.value: Future[Any] = Future()
+        self.forks: set[ForkId] = set()
+        # False while a request using the RRef has overtaken remote()'s creation request:
+        # the creator's fork is still on its way, so no fork count may drop the entry yet.
+        self.created = False
+
+
+class OwnerTable:
+    """The owner's side of reference counting, and the queue of releases to send."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._lock = threading.Lock()
+        # Invariant: a created entry has at least one fork; when its last fork goes, so does it.
+        self._entries: dict[RRefId, _Entry] = {}
+        # Releases that arrived before their fork was registered (case 3 of the protocol).
+        self._early: set[tuple[RRefId, ForkId]] = set()
+        self._releases: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._releaser = threading.Thread(
+            target=self._send_releases, name=f"thenable-rpc-rref-{agent.name}", daemon=True
+        )
+        self._releaser.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def create(self, rref_id: RRefId, fork: ForkId) -> Future[Any]:
+        """Register the creator's ``fork``; return the value's Future for the creator to complete.
+
+        The entry may exist already: a request using the RRef can overtake ``remote()``'s
+        creation request, and registers its fork first (see ``add_fork``).
+        """
+        with self._lock:
+            entry = self._entries.get(rref_id)
+            if entry is None:
+                entry = self._entries[rref_id] = _Entry()
+            entry.created = True
+            self._add_locked(rref_id, entry, fork)
+            return entry.value
+
+    def add_fork(self, rref_id: RRefId, fork: ForkId) -> None:
+        """Register ``fork`` of an RRef this worker owns (its value may still be on its way)."""
+        with self._lock:
+            entry = self._entries.get(rref_id)
+            if entry is None:
+                entry = self._entries[rref_id] = _Entry()
+            self._add_locked(rref_id, entry, fork)
+
+    def _add_locked(self, rref_id: RRefId, entry: _Entry, fork: ForkId) -> None:
+        if (rref_id, fork) in self._early:
+            self._early.discard((rref_id, fork))
+        else:
+            entry.forks.add(fork)
+        self._drop_if_unused_locked(rref_id, entry)
+
+    def _drop_if_unused_locked(self, rref_id: RRefId, entry: _Entry) -> None:
+        if entry.created and not entry.forks:
+            del self._entries[rref_id]
+
+    def release(self, rref_id: RRefId, fork: ForkId) -> None:
+        with self._lock:
+            entry = self._entries.get(rref_id)
+            if entry is None or fork not in entry.forks:
+                self._early.add((rref_id, fork))
+                return
+            entry.forks.discard(fork)
+            self._drop_if_unused_locked(rref_id, entry)
+
+    def value_future(self, rref_id: RRefId) -> Future[Any]:
+        with self._lock:
+            return self._get_locked(rref_id).value
+
+    def _get_locked(self, rref_id: RRefId) -> _Entry:
+        entry = self._entries.get(rref_id)
+        if entry is None:
+            raise KeyError(
+                f"RRef {rref_id} is not owned by worker {self._agent.name} (any more): its "
+                "value was dropped when the last reference to it went away"
+            )
+        return entry
+
+    # -- releases -----------------------------------------------------------------------------
+
+    def release_later(self, owner: int, rref_id: RRefId, fork: ForkId) -> None:
+        """Queue a release; safe from ``__del__`` (SimpleQueue.put is reentrant)."""
+        self._releases.put((owner, rref_id, fork))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send every queued release and wait until the owners have applied them."""
+        done: Future[None] = Future()
+        self._releases.put(done)
+        done.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the releaser and forget every value (shutdown)."""
+        self._releases.put(None)
+        if self._releaser is not threading.current_thread():
+            self._releaser.join(timeout=5)
+        with self._lock:
+            self._entries.clear()
+            self._early.clear()
+
+    def _send_releases(self) -> None:
+        while True:
+            item = self._releases.get()
+            batch: dict[int, list[tuple[RRefId, ForkId]]] = {}
+            markers: list[Future[None]] = []
+            stop = False
+            while True:
+                if item is None:
+                    stop = True
+                elif isinstance(item, Future):
+                    markers.append(item)
+                else:
+                    owner, rref_id, fork = item
+                    batch.setdefault(owner, []).append((rref_id, fork))
+                try:
+                    item = self._releases.get_nowait()
+                except queue.Empty:
+                    break
+            sent = [self._release_batch(owner, forks) for owner, forks in batch.items()]
+            for future in sent:
+                try:
+                    future.wait()
+                except Exception as exc:  # the owner is gone: nothing left to release
+                    _LOGGER.debug("release not applied: %s", exc)
+            for marker in markers:
+                marker.set_result(None)
+            if stop:
+                return
+
+    def _release_batch(self, owner: int, forks: list[tuple[RRefId, ForkId]]) -> Future[Any]:
+        agent = self._agent
+        if owner == agent.rank:
+            for rref_id, fork in forks:
+                self.release(rref_id, fork)
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+        try:
+            return agent.call(owner, _release_forks, (forks,), {}, 0)
+        except RuntimeError as exc:  # shut down meanwhile
+            failed: Future[None] = Future()
+            failed.set_exception(exc)
+            return failed
+
+
+class RRef(Generic[T]):
+    """A reference to a value that lives on one worker, its owner.
+
+    ``RRef(value)`` makes an owner RRef of a local value; ``rpc.remote`` makes one whose value
+    is created on another worker.  RRefs may be passed in and returned from RPC calls to any
+    worker; the owner keeps the value while any worker holds a reference (see the module's
+    design note).
+    """
+
+    __slots__ = ("__weakref__", "_agent", "_created", "_fork", "_id", "_owner")
+
+    def __init__(self, value: T, type_hint: object = None) -> None:
+        agent = _context.require_agent()
+        self._init(agent, agent.rank, _new_id(agent), _new_id(agent))
+        agent.rrefs.create(self._id, self._fork).set_result(value)
+
+    def _init(
+        self,
+        agent: Agent,
+        owner: int,
+        rref_id: RRefId,
+        fork: ForkId,
+        created: Future[Any] | None = None,
+    ) -> None:
+        self._agent = agent
+        self._owner = owner
+        self._id = rref_id
+        self._fork = fork
+        # For remote(): the creation call; the owner has confirmed the RRef once it is done.
+        self._created = created
+
+    @classmethod
+    def _make(
+        cls,
+        agent: Agent,
+        owner: int,
+        rref_id: RRefId,
+        fork: ForkId,
+        created: Future[Any] | None = None,
+    ) -> RRef[Any]:
+        rref: RRef[Any] = cls.__new__(cls)
+        rref._init(agent, owner, rref_id, fork, created)
+        return rref
+
+    def __del__(self) -> None:
+        agent = _context.current_agent()  # after shutdown there is nothing left to release
+        if agent is None:
+            return
+        mine: object = getattr(self, "_agent", None)  # unset if __init__ failed
+        if mine is agent:
+            agent.rrefs.release_later(self._owner, self._id, self._fork)
+
+    def __repr__(self) -> str:
+        kind = "OwnerRRef" if self.is_owner() else "UserRRef"
+        return f"{kind}(id={self._id}, owner={self.owner_name()!r})"
+
+    # -- identity -----------------------------------------------------------------------------
+
+    def owner(self) -> WorkerInfo:
+        """The owner's WorkerInfo."""
+        return WorkerInfo(self._agent.name_of(self._owner), self._owner)
+
+    def owner_name(self) -> str:
+        return self._agent.name_of(self._owner)
+
+    def is_owner(self) -> bool:
+        """Whether this worker owns the value."""
+        return self._owner == self._agent.rank
+
+    def confirmed_by_owner(self) -> bool:
+        """Whether the owner is known to hold this RRef's value.
+
+        True on the owner, for RRefs received from the owner, and for ``remote()`` results once
+        the creation call has been answered.
+        """
+        created = self._created
+        return created is None or created.done()
+
+    # -- value --------------------------------------------------------------------------------
+
+    def local_value(self) -> T:
+        """The value, on its owner.
+
+        Raises:
+            RuntimeError: this worker is not the owner (use ``to_here()``), or the value is
+                still being created by ``remote()``.
+        """
+        if not self.is_owner():
+            raise RuntimeError(
+                f"local_value() called on a UserRRef: the value lives on {self.owner_name()!r}; "
+                "use to_here() to fetch a copy"
+            )
+        return self._agent.rrefs.value_future(self._id).value()  # type: ignore[no-any-return]
+
+    def to_here(self, timeout: float = -1.0) -> T:
+        """A copy of the value on this worker (the value itself on the owner).
+
+        Args:
+            timeout: seconds; -1 for the RPC default, 0 for no limit.
+
+        Raises:
+            TimeoutError: the value did not arrive in time.
+            Exception: whatever creating the value raised.
+        """
+        agent = self._agent
+        if self.is_owner():
+            value = agent.rrefs.value_future(self._id)
+            seconds = agent_timeout(agent, timeout)
+            return value.wait(seconds if seconds > 0 else None)  # type: ignore[no-any-return]
+        result = agent.call(self._owner, _fetch_value, (self,), {}, agent_timeout(agent, timeout))
+        return result.wait()  # type: ignore[no-any-return]
+
+    # -- proxies ------------------------------------------------------------------------------
+
+    def rpc_sync(self, timeout: float = -1.0) -> Any:
+        """A proxy: ``rref.rpc_sync().method(*args)`` runs the method on the owner, blocking."""
+        return _Proxy(self, timeout, _wait_for)
+
+    def rpc_async(self, timeout: float = -1.0) -> Any:
+        """A proxy: ``rref.rpc_async().method(*args)`` returns the Future of the method's result."""
+        return _Proxy(self, timeout, _as_is)
+
+    def remote(self, timeout: float = -1.0) -> Any:
+        """A proxy: ``rref.remote().method(*args)`` returns an RRef to the result, on the owner."""
+        return _RemoteProxy(self, timeout)
+
+    # -- pickling -----------------------------------------------------------------------------
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        context = _context.sending_to()
+        if context is None:
+            raise TypeError(
+                "an RRef can only be pickled by thenable.rpc while sending it to another worker"
+            )
+        agent, destination, record = context
+        if destination == self._owner and agent.rank != self._owner and record.is_request:
+            # Case 2: the owner registers a local fork; we hold ours until the reply.
+            record.holds.append(self)
+            return (_rebuild_rref, (self._owner, self._id, None))
+        fork = _new_id(agent)
+        if agent.rank == self._owner:  # case 1
+            agent.rrefs.add_fork(self._id, fork)
+            record.undo.append(lambda: agent.rrefs.release(self._id, fork))
+        else:  # case 3
+            record.after_send.append(lambda: _announce_fork(agent, self, fork))
+        return (_rebuild_rref, (self._owner, self._id, fork))
+
+
+def _wait_for(future: Future[Any]) -> Any:
+    return future.wait()
+
+
+def _as_is(future: Future[Any]) -> Any:
+    return future
+
+
+def agent_timeout(agent: Agent, timeout: float) -> float:
+    """Seconds for a call: -1 means the agent's default, 0 no limit."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be seconds (-1: default, 0: none), got {timeout!r}")
+    if timeout < 0:
+        if timeout != -1:
+            raise ValueError(f"timeout must be -1 (default), 0 (none) or positive, got {timeout}")
+        return float(agent.options.rpc_timeout)
+    return float(timeout)
+
+
+def _announce_fork(agent: Agent, rref: RRef[Any], fork: ForkId) -> None:
+    """Case 3: tell the owner about ``fork``; ``rref`` stays alive until the owner answers."""
+    try:
+        done = agent.call(rref._owner, _add_fork, (rref._id, fork), {}, 0)
+    except RuntimeError:
+        return
+    done.add_done_callback(functools.partial(_log_fork_failure, rref=rref))
+
+
+def _log_fork_failure(done: Future[Any], rref: RRef[Any]) -> None:
+    if done._exception is not None:
+        _LOGGER.warning("could not register a reference to %r: %s", rref, done._exception)
+
+
+def _rebuild_rref(owner: int, rref_id: RRefId, fork: ForkId | None) -> RRef[Any]:
+    context = _context.received_from()
+    agent = context[0] if context is not None else _context.require_agent()
+    if fork is None:  # case 2: we are the owner; the sender holds its fork meanwhile
+        fork = _new_id(agent)
+        agent.rrefs.add_fork(rref_id, fork)
+    return RRef._make(agent, owner, rref_id, fork)
+
+
+class _Proxy:
+    """``rref.rpc_sync()`` / ``rref.rpc_async()``: attribute access names a method to call."""
+
+    def __init__(
+        self, rref: RRef[Any], timeout: float, finish: Callable[[Future[Any]], Any]
+    ) -> None:
+        self._rref = rref
+        self._timeout = timeout
+        self._finish = finish
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        rref, timeout, finish = self._rref, self._timeout, self._finish
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            agent = rref._agent
+            seconds = agent_timeout(agent, timeout)
+            future = agent.call(rref._owner, _invoke, (rref, name, args, kwargs), {}, seconds)
+            return finish(future)
+
+        return call
+
+
+class _RemoteProxy:
+    """``rref.remote()``: attribute access names a method whose result stays on the owner."""
+
+    def __init__(self, rref: RRef[Any], timeout: float) -> None:
+        self._rref = rref
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Callable[..., RRef[Any]]:
+        rref, timeout = self._rref, self._timeout
+
+        def call(*args: Any, **kwargs: Any) -> RRef[Any]:
+            return remote_call(
+                rref._agent, rref._owner, _invoke, (rref, name, args, kwargs), {}, timeout
+            )
+
+        return call
+
+
+def remote_call(
+    agent: Agent,
+    owner: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float,
+) -> RRef[Any]:
+    """``rpc.remote``: create ``fn(*args, **kwargs)`` on ``owner``; return an RRef to it."""
+    seconds = agent_timeout(agent, timeout)
+    rref_id = _new_id(agent)
+    fork = _new_id(agent)
+    if owner == agent.rank:
+        agent.pool.submit(_produce, agent.rrefs.create(rref_id, fork), fn, args, kwargs)
+        return RRef._make(agent, owner, rref_id, fork)
+    created = agent.call(owner, _remote_create, (rref_id, fork, fn, args, kwargs), {}, seconds)
+    return RRef._make(agent, owner, rref_id, fork, created)
+
+
+def _produce(
+    target: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Complete ``target`` with ``fn``'s result, following the Future of async functions."""
+    try:
+        result = fn(*args, **kwargs)
+    except BaseException as exc:
+        target._complete(None, exc, exc.__traceback__)
+        return
+    if is_async_execution(fn) and isinstance(result, Future):
+        result.add_done_callback(lambda done: _copy_outcome(done, target))
+    else:
+        target._complete(result, None)
+
+
+def _copy_outcome(source: Future[Any], target: Future[Any]) -> None:
+    target._complete(source._result, source._exception, source._traceback)
+
+
+# -- functions run on the owner, by RPC ------------------------------------------------------
+
+
+def _remote_create(
+    rref_id: RRefId,
+    fork: ForkId,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """On the owner: register the creator's fork, then make the value."""
+    _produce(_context.require_agent().rrefs.create(rref_id, fork), fn, args, kwargs)
+
+
+@async_execution
+def _fetch_value(rref: RRef[Any]) -> Future[Any]:
+    """On the owner: the value's Future; the reply is sent when it completes."""
+    return rref._agent.rrefs.value_future(rref._id)
+
+
+@async_execution
+def _invoke(
+    rref: RRef[Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Future[Any]:
+    """On the owner: call ``value.name(*args, **kwargs)`` once the value exists."""
+    result: Future[Any] = Future()
+
+    def call(value: Future[Any]) -> None:
+        try:
+            method = getattr(value.value(), name)
+        except BaseException as exc:
+            result._complete(None, exc, exc.__traceback__)
+            return
+        _produce(result, method, args, kwargs)
+
+    rref._agent.rrefs.value_future(rref._id).add_done_callback(call)
+    return result
+
+
+def _add_fork(rref_id: RRefId, fork: ForkId) -> None:
+    _context.require_agent().rrefs.add_fork(rref_id, fork)
+
+
+def _release_forks(forks: list[tuple[RRefId, ForkId]]) -> None:
+    table = _context.require_agent().rrefs
+    for rref_id, fork in forks:
+        table.release(tuple(rref_id), tuple(fork))  # type: ignore[arg-type]

@@ -1,0 +1,560 @@
+"""Pickle protocol 5 with out-of-band buffers for ``thenable.rpc`` messages.
+
+``dumps(obj)`` returns a small pickle *header* plus a list of raw *buffers* (memoryviews of
+the objects' own memory, not copies) that the wire protocol sends as separate parts, and
+``loads(header, buffers)`` rebuilds the object on top of the received buffers without
+copying them again.
+
+- numpy arrays and CPU torch tensors travel as one raw buffer per underlying memory block,
+  so views and tensors that share memory in the sender share memory in the receiver too.
+  A block covers only the bytes its arrays reach when that saves much (a small slice of
+  a big array sends the slice, not the whole array).  Received arrays and tensors are
+  writable; tensors keep dtype, size, stride, storage offset and ``requires_grad`` but
+  arrive as leaves (autograd history does not travel).
+- Functions, classes and builtins are pickled by reference, as standard pickle does: they
+  must be importable module-level names on the receiving side.  Lambdas and local functions
+  cannot be sent (there is no cloudpickle here).
+- Exceptions travel with their formatted traceback (``dumps_exception``) and come back as
+  the original exception object whose ``__cause__`` shows the remote traceback.
+
+Nothing here imports numpy or torch: an object can only be an array or a tensor if its
+module is already imported, so the reducer looks them up in ``sys.modules``.
+
+Unpickling runs code chosen by the sender: only load data from authenticated peers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import mmap
+import pickle
+import sys
+import traceback
+import types
+from collections.abc import Callable, Iterable
+from typing import Any, Final, TypeAlias
+
+__all__ = [
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "dumps",
+    "dumps_exception",
+    "loads",
+    "loads_exception",
+    "pack_exception",
+    "unpack_exception",
+]
+
+_PICKLE_PROTOCOL: Final = 5
+
+_Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+class SerializationError(TypeError):
+    """An object cannot be pickled for sending; the message says which and what to do."""
+
+
+class _UnsendableError(TypeError):
+    """Raised by a reducer for a value that has a specific fix (e.g. a CUDA tensor)."""
+
+
+class RemoteTraceback(Exception):
+    """Stands in as ``__cause__`` of a re-raised remote exception; its str is the traceback."""
+
+    def __init__(self, traceback_text: str) -> None:
+        super().__init__(traceback_text)
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return self.traceback_text
+
+
+class RemoteError(Exception):
+    """A remote exception that could not be sent as itself (it failed to pickle/unpickle).
+
+    ``type_name`` is the original ``module.qualname``, ``message`` its str(), ``reason`` why
+    it could not be transferred, and ``traceback_text`` the remote traceback.
+    """
+
+    def __init__(
+        self, type_name: str, message: str, traceback_text: str = "", reason: str = ""
+    ) -> None:
+        super().__init__(type_name, message, traceback_text, reason)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+        self.reason = reason
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        if self.reason:
+            text += f" (the exception itself could not be transferred: {self.reason})"
+        return text
+
+
+# ---------------------------------------------------------------------------------------
+# Shared memory blocks
+# ---------------------------------------------------------------------------------------
+
+
+def _writable(buffer: Any) -> memoryview:
+    """A flat writable byte view of a received buffer; read-only ones are copied once."""
+    view = memoryview(buffer)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.readonly:
+        view = memoryview(bytearray(view))
+    return view
+
+
+def _rebuild_block(buffer: Any) -> memoryview:
+    """Receiver side of :class:`_Block`: the shared memory block as a writable view."""
+    return _writable(buffer)
+
+
+class _Block:
+    """One memory block sent once per ``dumps`` call; pickle's memo shares it between views.
+
+    ``source`` is a contiguous object exporting exactly the block's bytes.  The same
+    ``_Block`` instance is referenced by every array/tensor that lives in the block, so
+    pickle writes it once and the receiver rebuilds it once.
+    """
+
+    __slots__ = ("keepalive", "source")
+
+    def __init__(self, source: Any, keepalive: object = None) -> None:
+        self.source = source
+        self.keepalive = keepalive
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_block, (pickle.PickleBuffer(self.source),))
+
+
+def _rebuild_storage(buffer: Any) -> Any:
+    """Receiver side of a torch storage block: an UntypedStorage over the received bytes."""
+    import torch
+
+    view = _writable(buffer)
+    if not view.nbytes:
+        return torch.empty(0, dtype=torch.uint8).untyped_storage()
+    # Export the memory's owner (a bytearray or mmap, which the cycle collector never clears)
+    # rather than the memoryview: a tensor holding an export of a memoryview that ends up in a
+    # garbage cycle makes the collector clear a memoryview with live exports, and CPython then
+    # crashes at exit.
+    owner = view.obj
+    if isinstance(owner, (bytearray, mmap.mmap)):
+        offset = _address_of(view) - _address_of(memoryview(owner))
+        return torch.frombuffer(
+            owner, dtype=torch.uint8, count=view.nbytes, offset=offset
+        ).untyped_storage()
+    return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
+
+
+def _address_of(view: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class _StorageBlock(_Block):
+    """A torch storage's bytes; rebuilt as an UntypedStorage shared by its tensors."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_storage, (pickle.PickleBuffer(self.source),))
+
+
+# ---------------------------------------------------------------------------------------
+# Regions: memory that arrays/tensors live in
+# ---------------------------------------------------------------------------------------
+#
+# Every array or tensor lives in a *region*: the memory of the ndarray (or bytes-like
+# object) at the end of its ``.base`` chain, or a tensor's storage.  A region is sent as
+# one block per dumps() call, shared by everything in it.  By default the block is the
+# whole region; if that would send much more than the arrays actually reach (a small slice
+# of a big array), dumps() pickles a second time with each block trimmed to the byte range
+# the arrays use, found by the first pass.
+
+_RegionKey = tuple[str, int, int]  # (kind, address, nbytes)
+_TRIM_MIN_WASTE: Final = 1 << 18  # re-pickle to trim blocks only if this many bytes are saved
+_TRIM_ALIGN: Final = 64  # trimmed blocks start on a multiple of this many bytes of the region
+
+
+def _rebuild_ndarray(
+    block: memoryview, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: Any
+) -> Any:
+    """Receiver side of an ndarray: a view into the shared block."""
+    import numpy as np
+
+    return np.ndarray(shape, dtype=dtype, buffer=block, offset=offset, strides=strides)
+
+
+def _extent(
+    address: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int
+) -> tuple[int, int]:
+    """The [low, high) byte addresses an array with this layout touches (size > 0)."""
+    low = high = address
+    for n, stride in zip(shape, strides, strict=True):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high + itemsize
+
+
+def _ndarray_address(array: Any) -> int:
+    address: int = array.__array_interface__["data"][0]
+    return address
+
+
+def _rebuild_tensor(
+    storage: Any,
+    dtype: Any,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    storage_offset: int,
+    requires_grad: bool,
+) -> Any:
+    """Receiver side of a CPU tensor: a view into the shared storage."""
+    import torch
+
+    tensor = torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
+    if requires_grad:
+        tensor.requires_grad_(True)
+    return tensor
+
+
+def _storage_bytes(storage: Any) -> memoryview:
+    """A writable byte view of a CPU storage's memory that keeps the storage alive."""
+    nbytes = storage.nbytes()
+    if not nbytes:
+        return memoryview(bytearray())
+    array = (ctypes.c_ubyte * nbytes).from_address(storage.data_ptr())
+    array._thenable_keepalive = storage  # ctypes instances take attributes
+    return memoryview(array).cast("B")
+
+
+# ---------------------------------------------------------------------------------------
+# Pickler
+# ---------------------------------------------------------------------------------------
+
+
+def _collector(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], None]:
+    """A buffer_callback that keeps each raw view; returning None makes it out-of-band."""
+
+    def collect(buffer: pickle.PickleBuffer) -> None:
+        buffers.append(buffer.raw())
+
+    return collect
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol-5 pickler that sends arrays and tensors as shared out-of-band blocks.
+
+    ``trim`` (second pass only) maps a region to the byte range its block should cover.
+    """
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        buffers: list[memoryview],
+        trim: dict[_RegionKey, tuple[int, int]] | None = None,
+    ) -> None:
+        # The callback must not be a bound method of the pickler: that cycle would keep the
+        # exported buffers alive until a collection, and a collected memoryview that still
+        # has exports makes CPython crash at exit.
+        super().__init__(file, protocol=_PICKLE_PROTOCOL, buffer_callback=_collector(buffers))
+        self._trim = trim
+        # The byte range of each region that the arrays/tensors reach.
+        self.extents: dict[_RegionKey, tuple[int, int]] = {}
+        # Blocks by (region, start, end).  They keep their memory alive, so no address is
+        # reused (and no region key is confused) while this pickler runs.
+        self._blocks: dict[tuple[_RegionKey, int, int], _Block] = {}
+        self._ndarray: type | None = None
+        self._tensor: type | None = None
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            self._ndarray = numpy.ndarray
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            self._tensor = torch.Tensor
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Route arrays and tensors to the shared-block reducers; everything else as usual."""
+        cls = type(obj)
+        if cls is self._ndarray:
+            return self._reduce_ndarray(obj)
+        if cls is self._tensor:
+            return self._reduce_tensor(obj)
+        return NotImplemented
+
+    def _block(
+        self,
+        key: _RegionKey,
+        low: int,
+        high: int,
+        make: Callable[[int, int], _Block],
+    ) -> tuple[_Block, int]:
+        """The block holding region bytes [low, high), and where the block starts."""
+        extent = self.extents.get(key)
+        self.extents[key] = (
+            (low, high) if extent is None else (min(extent[0], low), max(extent[1], high))
+        )
+        start, end = 0, key[2]
+        if self._trim is not None:
+            start, end = self._trim.get(key, (start, end))
+            if not (start <= low and high <= end):  # the object changed since the first pass
+                start, end = low - low % _TRIM_ALIGN, high
+        block_key = (key, start, end)
+        block = self._blocks.get(block_key)
+        if block is None:
+            block = self._blocks[block_key] = make(start, end)
+        return block, start
+
+    def _numpy_region(self, array: Any) -> tuple[_RegionKey, Any] | None:
+        """The region an ndarray lives in, as (key, flat uint8 view of it), or None."""
+        import numpy as np
+
+        root = array
+        while type(root.base) is self._ndarray:
+            root = root.base
+        owner = root.base
+        if owner is not None:  # bytes, bytearray, mmap, memoryview, ...: use all of it
+            try:
+                whole = np.frombuffer(owner, dtype=np.uint8)
+            except Exception:  # not a flat buffer (e.g. a capsule): use the root array
+                pass
+            else:
+                address = _ndarray_address(whole)
+                root_low, root_high = _extent(
+                    _ndarray_address(root), root.shape, root.strides, root.itemsize
+                )
+                if address <= root_low and root_high <= address + whole.nbytes:
+                    return ("numpy", address, whole.nbytes), whole
+        flags = root.flags
+        if not (flags.c_contiguous or flags.f_contiguous):
+            return None
+        flat = root.reshape(-1, order="C" if flags.c_contiguous else "F").view(np.uint8)
+        return ("numpy", _ndarray_address(root), root.nbytes), flat
+
+    def _reduce_ndarray(self, array: Any) -> Any:
+        """(rebuild, (block, offset, shape, strides, dtype)) for an array in a shared block.
+
+        Arrays that cannot be placed in a region (object dtype, empty, unusual layouts)
+        fall back to numpy's own pickling.
+        """
+        if array.dtype.hasobject or array.size == 0:
+            return NotImplemented
+        region = self._numpy_region(array)
+        if region is None:
+            return NotImplemented
+        key, flat = region
+        low, high = _extent(_ndarray_address(array), array.shape, array.strides, array.itemsize)
+        low -= key[1]
+        high -= key[1]
+        if low < 0 or high > key[2]:
+            return NotImplemented  # e.g. as_strided tricks reaching outside the region
+        block, start = self._block(key, low, high, lambda a, b: _Block(flat[a:b]))
+        offset = _ndarray_address(array) - key[1] - start
+        return (_rebuild_ndarray, (block, offset, array.shape, array.strides, array.dtype))
+
+    def _reduce_tensor(self, tensor: Any) -> Any:
+        """(rebuild, (storage block, dtype, size, stride, offset, requires_grad)).
+
+        For strided CPU tensors; sparse, quantized, nested and other layouts use torch's
+        own pickling.  CUDA (any non-CPU) tensors are refused.
+        """
+        import torch
+
+        if tensor.device.type != "cpu":
+            raise _UnsendableError(
+                f"cannot send a tensor on device {tensor.device}: move it to the CPU first "
+                "(tensor.cpu()); device maps are not supported"
+            )
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+            return NotImplemented
+        requires_grad = bool(tensor.requires_grad)
+        tensor = tensor.detach()
+        if tensor.is_conj() or tensor.is_neg():
+            tensor = tensor.resolve_conj().resolve_neg()  # lazy views; send materialized
+        size = tuple(tensor.shape)
+        stride = tuple(tensor.stride())
+        itemsize = tensor.element_size()
+        if tensor.numel() == 0:
+            empty = _StorageBlock(memoryview(bytearray()))
+            return (_rebuild_tensor, (empty, tensor.dtype, size, stride, 0, requires_grad))
+        storage = tensor.untyped_storage()
+        key = ("torch", storage.data_ptr(), storage.nbytes())
+        byte_strides = tuple(n * itemsize for n in stride)
+        low, high = _extent(tensor.storage_offset() * itemsize, size, byte_strides, itemsize)
+
+        def make(start: int, end: int) -> _Block:
+            return _StorageBlock(_storage_bytes(storage)[start:end], storage)
+
+        block, start = self._block(key, low, high, make)
+        offset = tensor.storage_offset() - start // itemsize
+        return (_rebuild_tensor, (block, tensor.dtype, size, stride, offset, requires_grad))
+
+
+def _type_name(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _hint(obj: object, error: BaseException) -> str:
+    """What the user can do about a pickling failure."""
+    text = str(error)
+    if isinstance(obj, types.FunctionType) or "<lambda>" in text or "<locals>" in text:
+        return (
+            "functions must be importable module-level functions; lambdas and local "
+            "(nested) functions cannot be sent"
+        )
+    return (
+        "every argument and return value must be picklable: module-level classes and "
+        "functions, no open files, sockets, locks or generators"
+    )
+
+
+def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``obj`` into a header and zero-copy out-of-band buffers.
+
+    The buffers are views of the objects' memory: keep the objects unchanged until the
+    buffers have been sent.  Raises :class:`SerializationError` if something cannot be
+    pickled.
+    """
+    header, buffers, extents = _dump(obj, None)
+    waste = sum(key[2] - (high - low) for key, (low, high) in extents.items())
+    if waste >= max(_TRIM_MIN_WASTE, 8 * len(header)):
+        trim = {key: (low - low % _TRIM_ALIGN, high) for key, (low, high) in extents.items()}
+        header, buffers, _ = _dump(obj, trim)
+    return header, buffers
+
+
+def _dump(
+    obj: object, trim: dict[_RegionKey, tuple[int, int]] | None
+) -> tuple[bytes, list[memoryview], dict[_RegionKey, tuple[int, int]]]:
+    """One pickling pass: header, buffers and the byte range used in each region."""
+    file = io.BytesIO()
+    buffers: list[memoryview] = []
+    pickler = _Pickler(file, buffers, trim)
+    try:
+        pickler.dump(obj)
+    except MemoryError:
+        raise
+    except _UnsendableError as exc:
+        raise SerializationError(f"cannot serialize {_type_name(obj)} for RPC: {exc}") from exc
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot serialize {_type_name(obj)} for RPC: {exc}; {_hint(obj, exc)}"
+        ) from exc
+    extents = pickler.extents
+    pickler.clear_memo()
+    return file.getvalue(), buffers, extents
+
+
+def loads(header: _Buffer, buffers: Iterable[_Buffer] = ()) -> Any:
+    """Rebuild an object from ``dumps`` output.
+
+    Arrays and tensors are built on top of ``buffers`` without copying (writable buffers,
+    such as the protocol's received memoryviews, give writable arrays; read-only ones are
+    copied once so results are always writable).  Unpickling imports and runs code named
+    by the sender; only load data from authenticated peers.
+    """
+    return pickle.loads(header, buffers=buffers)
+
+
+# ---------------------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------------------
+
+
+def _rebuild_packed_exception(
+    type_name: str, message: str, traceback_text: str, payload: bytes | None, reason: str
+) -> _PackedException:
+    return _PackedException(type_name, message, traceback_text, payload, reason)
+
+
+class _PackedException:
+    """A remote exception in transit: its description, traceback and (if possible) pickle.
+
+    The exception is pickled separately (``payload``) so that a failure to *unpickle* it on
+    the receiving side (missing module, ``__init__`` with other arguments) still yields a
+    :class:`RemoteError` with the description and traceback.
+    """
+
+    __slots__ = ("message", "payload", "reason", "traceback_text", "type_name")
+
+    def __init__(
+        self, type_name: str, message: str, traceback_text: str, payload: bytes | None, reason: str
+    ) -> None:
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+        self.payload = payload
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_packed_exception,
+            (self.type_name, self.message, self.traceback_text, self.payload, self.reason),
+        )
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as err:  # a broken __str__ must not hide the original error
+        return f"<str() failed: {type(err).__name__}>"
+
+
+def pack_exception(exc: BaseException, *, origin: str | None = None) -> object:
+    """A picklable stand-in for ``exc`` and its formatted traceback (``origin`` heads it)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if origin:
+        text = f"Traceback from {origin}:\n{text}"
+    payload: bytes | None = None
+    reason = ""
+    try:
+        payload = pickle.dumps(exc, protocol=_PICKLE_PROTOCOL)  # in-band: exceptions are small
+    except Exception as err:
+        reason = f"pickling failed: {type(err).__name__}: {err}"
+    return _PackedException(_type_name(exc), _safe_str(exc), text, payload, reason)
+
+
+def unpack_exception(packed: object) -> BaseException:
+    """The original exception from ``pack_exception``, its ``__cause__`` the remote traceback.
+
+    Falls back to :class:`RemoteError` when the exception could not be pickled or unpickled.
+    """
+    if not isinstance(packed, _PackedException):
+        raise TypeError(f"expected the result of pack_exception(), got {type(packed).__name__}")
+    exc: BaseException | None = None
+    reason = packed.reason
+    if packed.payload is not None:
+        try:
+            loaded = pickle.loads(packed.payload)
+        except Exception as err:
+            reason = f"unpickling failed: {type(err).__name__}: {err}"
+        else:
+            if isinstance(loaded, BaseException):
+                exc = loaded
+            else:
+                reason = f"unpickled to a {_type_name(loaded)}, not an exception"
+    if exc is None:
+        exc = RemoteError(packed.type_name, packed.message, packed.traceback_text, reason)
+    exc.__cause__ = RemoteTraceback(packed.traceback_text)
+    return exc
+
+
+def dumps_exception(
+    exc: BaseException, *, origin: str | None = None
+) -> tuple[bytes, list[memoryview]]:
+    """``dumps(pack_exception(exc))``: an exception with its traceback, ready to send."""
+    return dumps(pack_exception(exc, origin=origin))
+
+
+def loads_exception(header: _Buffer, buffers: Iterable[_Buffer] = ()) -> BaseException:
+    """The inverse of :func:`dumps_exception` (see :func:`unpack_exception`)."""
+    return unpack_exception(loads(header, buffers))

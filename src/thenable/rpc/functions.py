@@ -1,0 +1,44 @@
+"""``rpc.functions``: decorators for functions called through RPC."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ("async_execution", "is_async_execution")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The attribute torch installs; keeping its name lets torch-decorated functions work here too.
+_MARKER = "_wrapped_async_rpc_function"
+
+
+def async_execution(fn: F) -> F:
+    """Mark ``fn`` as returning a Future whose value is the RPC reply.
+
+    The callee does not hold a thread while that Future is pending: it installs sending the
+    reply as a callback of the returned Future.  Combined with ``@staticmethod`` or
+    ``@classmethod``, this must be the inner decorator; it also works on methods called through
+    the RRef helpers (``rref.rpc_sync().method(...)`` etc.).
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+    """
+    if not callable(fn):
+        raise TypeError(
+            f"async_execution decorates a function, got {type(fn).__qualname__}; as the inner "
+            "decorator under @staticmethod/@classmethod it receives the plain function"
+        )
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    setattr(wrapper, _MARKER, fn)
+    return wrapper  # type: ignore[return-value]
+
+
+def is_async_execution(fn: object) -> bool:
+    """Whether ``fn`` (a function, bound method or static/class method) is ``async_execution``."""
+    return getattr(fn, _MARKER, None) is not None
