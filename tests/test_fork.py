@@ -101,9 +101,10 @@ def fib_noting_threads(n: int, threads: set[str]) -> int:
     return first + thenable.wait(thenable.fork(fib_noting_threads, n - 2, threads))
 
 
-def pool_threads(prefix: str) -> list[str]:
-    """Names of the live threads of the private pool named ``prefix``."""
-    return sorted(t.name for t in threading.enumerate() if t.name.startswith(prefix + "-"))
+def pool_threads(name: str) -> list[str]:
+    """Names of the live worker threads of the private pool called ``name``."""
+    pattern = re.compile(rf"^{re.escape(name)}-[0-9]+$")
+    return sorted(t.name for t in threading.enumerate() if pattern.match(t.name))
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -152,6 +153,27 @@ def gate() -> Iterator[threading.Event]:
     event = threading.Event()
     yield event
     event.set()
+
+
+@pytest.fixture
+def make_pool(gate: threading.Event) -> Iterator[Callable[[int, str], InteropPool]]:
+    """Private pools, shut down afterwards: every one of their threads must then end."""
+    made: list[tuple[InteropPool, str]] = []
+
+    def make(num_threads: int, name: str) -> InteropPool:
+        pool = InteropPool(num_threads, name=name)
+        made.append((pool, name))
+        return pool
+
+    yield make
+    gate.set()
+    for pool, _ in made:
+        pool.shutdown(wait=False)
+    for _, name in made:
+        for thread in threading.enumerate():
+            if thread.name in pool_threads(name):
+                thread.join(TIMEOUT)
+        assert pool_threads(name) == [], f"threads of {name} left running after shutdown"
 
 
 # -- fork returns a Future; wait returns its result -----------------------------------------------
@@ -234,8 +256,10 @@ def test_exception_goes_into_the_future_not_out_of_fork() -> None:
     assert second.value is first.value
 
 
-def test_base_exception_goes_into_the_future_and_the_worker_survives() -> None:
-    pool = InteropPool(1, name="thenable-test-abort")
+def test_base_exception_goes_into_the_future_and_the_worker_survives(
+    make_pool: Callable[[int, str], InteropPool],
+) -> None:
+    pool = make_pool(1, "thenable-test-abort")
     fut = pool.submit(abort)
     with pytest.raises(Abort, match=r"^aborted$"):
         result_of(fut)
@@ -334,8 +358,8 @@ def test_worker_blocked_on_a_plain_future_gets_a_replacement(
     assert result_of(b) is None
 
 
-def test_statistics_while_a_worker_is_blocked() -> None:
-    pool = InteropPool(1, name="thenable-test-blocked")
+def test_statistics_while_a_worker_is_blocked(make_pool: Callable[[int, str], InteropPool]) -> None:
+    pool = make_pool(1, "thenable-test-blocked")
     signal: Future[str] = Future()
 
     def waiter() -> tuple[str, str]:
@@ -361,8 +385,10 @@ def test_statistics_while_a_worker_is_blocked() -> None:
     assert pool.statistics()["blocked"] == 0
 
 
-def test_blocked_count_is_restored_after_a_wait_times_out() -> None:
-    pool = InteropPool(1, name="thenable-test-timeout-count")
+def test_blocked_count_is_restored_after_a_wait_times_out(
+    make_pool: Callable[[int, str], InteropPool],
+) -> None:
+    pool = make_pool(1, "thenable-test-timeout-count")
 
     def time_out() -> dict[str, int]:
         never: Future[int] = Future()
@@ -393,8 +419,10 @@ def test_waiting_from_the_main_thread_runs_a_queued_task_inline(
     assert result_of(blocker).startswith("thenable-interop-")
 
 
-def test_waiting_on_a_private_pool_task_runs_it_inline(gate: threading.Event) -> None:
-    pool = InteropPool(1, name="thenable-test-inline")
+def test_waiting_on_a_private_pool_task_runs_it_inline(
+    gate: threading.Event, make_pool: Callable[[int, str], InteropPool]
+) -> None:
+    pool = make_pool(1, "thenable-test-inline")
     started = threading.Event()
     blocker = pool.submit(hold, started, gate)
     assert started.wait(TIMEOUT)
@@ -405,11 +433,11 @@ def test_waiting_on_a_private_pool_task_runs_it_inline(gate: threading.Event) ->
 
 
 def test_wait_with_a_timeout_does_not_run_a_queued_task_past_the_timeout(
-    gate: threading.Event,
+    gate: threading.Event, make_pool: Callable[[int, str], InteropPool]
 ) -> None:
     """``Future.wait(timeout)`` waits "at most" ``timeout`` seconds: it must not run a queued
     task inline for longer than that."""
-    pool = InteropPool(1, name="thenable-test-wait-timeout")
+    pool = make_pool(1, "thenable-test-wait-timeout")
     started = threading.Event()
     blocker = pool.submit(hold, started, gate)
     assert started.wait(TIMEOUT)
@@ -456,9 +484,11 @@ def test_growing_starts_workers_for_tasks_already_queued(
     result_of(blocker)
 
 
-def test_shrinking_retires_surplus_workers(gate: threading.Event) -> None:
+def test_shrinking_retires_surplus_workers(
+    gate: threading.Event, make_pool: Callable[[int, str], InteropPool]
+) -> None:
     name = "thenable-test-shrink"
-    pool = InteropPool(3, name=name)
+    pool = make_pool(3, name)
     barrier = threading.Barrier(4, timeout=TIMEOUT)
 
     def occupy() -> str:
@@ -542,23 +572,69 @@ def test_set_num_interop_threads_rejects_bad_values(
 
 @pytest.mark.parametrize(("value", "error", "message"), BAD_THREAD_COUNTS)
 def test_private_pool_rejects_bad_sizes(
-    value: object, error: type[Exception], message: str
+    value: object,
+    error: type[Exception],
+    message: str,
+    make_pool: Callable[[int, str], InteropPool],
 ) -> None:
     if value is not None:  # None means "the default" to the constructor
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             InteropPool(value)  # type: ignore[arg-type]
-    pool = InteropPool(2, name="thenable-test-bad-resize")
+    pool = make_pool(2, "thenable-test-bad-resize")
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         pool.resize(value)  # type: ignore[arg-type]
     assert pool.size == 2
 
 
+def test_shutdown_finishes_queued_tasks_and_refuses_new_ones(
+    make_pool: Callable[[int, str], InteropPool], gate: threading.Event
+) -> None:
+    name = "thenable-test-shutdown"
+    pool = make_pool(1, name)
+    started = threading.Event()
+    busy = pool.submit(hold, started, gate)
+    assert started.wait(TIMEOUT)
+    queued = [pool.submit(operator.mul, i, 2) for i in range(3)]
+    pool.shutdown(wait=False)  # returns at once, with the worker still busy
+    assert not busy.done()
+    refused = pool.submit(operator.mul, 1, 2)
+    assert refused.done()
+    with pytest.raises(
+        RuntimeError, match=f"^{re.escape(f'cannot run new tasks: the pool {name} is shut down')}$"
+    ):
+        refused.wait()
+    gate.set()
+    assert result_of(busy) == f"{name}-1"
+    assert [result_of(f) for f in queued] == [0, 2, 4]
+    for thread in threading.enumerate():
+        if thread.name in pool_threads(name):
+            thread.join(TIMEOUT)
+    assert pool_threads(name) == []
+    assert pool.statistics()["workers"] == 0
+
+
+def test_shutdown_with_wait_returns_once_every_task_is_done(
+    make_pool: Callable[[int, str], InteropPool],
+) -> None:
+    name = "thenable-test-shutdown-wait"
+    pool = make_pool(2, name)
+    futures = [pool.submit(operator.add, i, 1) for i in range(50)]
+    pool.shutdown(wait=True)
+    # No waiting here: shutdown(wait=True) returned only after all tasks and workers finished.
+    assert all(f.done() for f in futures)
+    assert [f.value() for f in futures] == list(range(1, 51))
+    assert pool_threads(name) == []
+    assert pool.statistics() == {"size": 2, "workers": 0, "blocked": 0, "idle": 0, "queued": 0}
+
+
 # -- statistics and names -----------------------------------------------------------------------
 
 
-def test_statistics_and_thread_names_of_a_private_pool(gate: threading.Event) -> None:
+def test_statistics_and_thread_names_of_a_private_pool(
+    gate: threading.Event, make_pool: Callable[[int, str], InteropPool]
+) -> None:
     name = "thenable-test-stats"
-    pool = InteropPool(2, name=name)
+    pool = make_pool(2, name)
     executor: thenable.TaskExecutor = pool  # the pool implements the executor interface
     assert pool.size == 2
     assert pool.statistics() == {"size": 2, "workers": 0, "blocked": 0, "idle": 0, "queued": 0}
@@ -602,9 +678,11 @@ def test_ten_thousand_forks_all_complete() -> None:
     assert [thenable.wait(f) for f in futures] == [3 * i for i in range(n)]
 
 
-def test_ten_thousand_submits_all_run_on_the_pool() -> None:
+def test_ten_thousand_submits_all_run_on_the_pool(
+    make_pool: Callable[[int, str], InteropPool],
+) -> None:
     n = 10_000
-    pool = InteropPool(4, name="thenable-test-many")
+    pool = make_pool(4, "thenable-test-many")
     left = [n]
     lock = threading.Lock()
     all_done = threading.Event()

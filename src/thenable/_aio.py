@@ -89,7 +89,10 @@ def from_asyncio(source: asyncio.Future[T]) -> Future[T]:
 
     def copy_outcome(done: asyncio.Future[T]) -> None:
         if done.cancelled():
-            target._complete(None, asyncio.CancelledError("the asyncio future was cancelled"))
+            try:
+                done.result()  # raises the CancelledError, with the message given to cancel()
+            except asyncio.CancelledError as cancelled:
+                target._complete(None, cancelled, cancelled.__traceback__)
             return
         exception = done.exception()
         if exception is not None:
