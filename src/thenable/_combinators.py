@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
-import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -15,21 +15,20 @@ T = TypeVar("T")
 
 
 class _Countdown:
-    """Completes ``target`` with ``futures`` when the last of ``count`` sub-futures is done."""
+    """Completes ``target`` with ``futures`` when the last of them is done."""
 
-    __slots__ = ("futures", "left", "lock", "target")
+    __slots__ = ("done", "futures", "last", "target")
 
     def __init__(self, futures: list[Future[Any]], target: Future[list[Future[Any]]]) -> None:
         self.futures = futures
         self.target = target
-        self.left = len(futures)
-        self.lock = threading.Lock()
+        self.last = len(futures) - 1
+        # next() on a count is atomic (it never releases the GIL, and is thread-safe in the
+        # free-threaded build), so exactly one callback sees the last number: no lock needed.
+        self.done = itertools.count()
 
-    def __call__(self, _: Future[Any]) -> None:
-        with self.lock:
-            self.left -= 1
-            last = self.left == 0
-        if last:
+    def on_done(self, _: Future[Any]) -> None:
+        if next(self.done) == self.last:
             self.target.set_result(self.futures)
 
 
@@ -47,31 +46,27 @@ def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]:
     if not items:
         combined.set_result(items)
         return combined
-    countdown = _Countdown(items, combined)
+    on_done = _Countdown(items, combined).on_done
     for future in items:
-        future.add_done_callback(countdown)
+        future.add_done_callback(on_done)
     return combined
 
 
 class _AllOrFirstError:
     """Completes ``target`` with every value, or with the first failure as soon as it happens."""
 
-    __slots__ = ("futures", "left", "lock", "target")
+    __slots__ = ("done", "futures", "last", "target")
 
     def __init__(self, futures: list[Future[Any]], target: Future[list[Any]]) -> None:
         self.futures = futures
         self.target = target
-        self.left = len(futures)
-        self.lock = threading.Lock()
+        self.last = len(futures) - 1
+        self.done = itertools.count()  # atomic, as in _Countdown
 
-    def __call__(self, future: Future[Any]) -> None:
+    def on_done(self, future: Future[Any]) -> None:
         if future._exception is not None:
             self.target._try_complete(None, future._exception, future._traceback)
-            return
-        with self.lock:
-            self.left -= 1
-            last = self.left == 0
-        if last:
+        elif next(self.done) == self.last:
             self.target._try_complete([f._result for f in self.futures], None)
 
 
@@ -94,9 +89,9 @@ def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list
     if not items:
         return []
     combined: Future[list[T]] = Future()
-    tracker = _AllOrFirstError(items, combined)
+    on_done = _AllOrFirstError(items, combined).on_done
     for future in items:
-        future.add_done_callback(tracker)
+        future.add_done_callback(on_done)
         if combined.done():
             break  # failed early: the rest need not be watched
     return combined.wait(timeout)
@@ -110,7 +105,7 @@ class _FirstDone:
     def __init__(self, target: Future[Future[Any]]) -> None:
         self.target = target
 
-    def __call__(self, future: Future[Any]) -> None:
+    def on_done(self, future: Future[Any]) -> None:
         self.target._try_complete(future, None)
 
 
@@ -128,9 +123,9 @@ def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:
     if not items:
         raise ValueError("collect_any() needs at least one Future; the list is empty")
     first: Future[Future[T]] = Future()
-    watcher = _FirstDone(first)
+    on_done = _FirstDone(first).on_done
     for future in items:
-        future.add_done_callback(watcher)
+        future.add_done_callback(on_done)
         if first.done():
             break
     return first

@@ -56,15 +56,23 @@ _PENDING = FutureState.PENDING
 _FINISHED = FutureState.FINISHED
 
 
-class _Trampoline(threading.local):
-    """Per-thread callback runner state: how deep we are, and the completions deferred."""
+class _Trampoline:
+    """One thread's callback runner state: how deep it is, and the completions it deferred."""
+
+    __slots__ = ("deferred", "depth")
 
     def __init__(self) -> None:
         self.depth = 0
-        self.deferred: deque[tuple[Future[Any], list[Callable[[Future[Any]], object]]]] = deque()
+        self.deferred: deque[tuple[Future[Any], Any]] = deque()
 
 
-_TRAMPOLINE = _Trampoline()
+class _PerThread(threading.local):
+    # One thread-local lookup per completion; the fields are then plain slot accesses.
+    def __init__(self) -> None:
+        self.trampoline = _Trampoline()
+
+
+_PER_THREAD = _PerThread()
 
 
 class _BlockingHook(threading.local):
@@ -99,6 +107,7 @@ class Future(Generic[T]):
         "_result",
         "_run_inline",
         "_state",
+        "_then_fn",
         "_traceback",
         "_waiters",
     )
@@ -111,8 +120,12 @@ class Future(Generic[T]):
     # The exception's traceback as it was at completion, restored on every re-raise so that
     # repeated waits (or a failure flowing down a long then-chain) do not grow it.
     _traceback: TracebackType | None
-    _callbacks: list[Callable[[Future[Any]], object]] | None
+    # None, one _Entry, or a list of them (one entry needs no list: fewer objects for the
+    # cycle collector to track, which is most of the cost of long then() chains).
+    _callbacks: _Entry | list[_Entry] | None
     _waiters: list[Any] | None
+    # For a Future made by then(): the callback whose result completes it (set once, by then).
+    _then_fn: Callable[[Future[Any]], Any] | None
     # A task that a waiter may run itself instead of blocking (set by the fork pool); see wait().
     _run_inline: Callable[[], None] | None
     _devices: tuple[Any, ...]
@@ -214,6 +227,7 @@ class Future(Generic[T]):
                 waiter.release()
         if callbacks is not None:
             _run_callbacks(self, callbacks)
+            callbacks = None  # see _invoke: frames kept by a traceback must not hold a child
 
     def _try_complete(
         self,
@@ -276,8 +290,9 @@ class Future(Generic[T]):
     def _block(self, timeout: float | None) -> None:
         """Wait for completion, helping first: run this thread's deferred callbacks, and (when
         there is no timeout) the task itself if no worker has started it.  Raises TimeoutError."""
-        if _TRAMPOLINE.deferred:
-            _drain_deferred(_TRAMPOLINE)
+        trampoline = _PER_THREAD.trampoline
+        if trampoline.deferred:
+            _drain_deferred(trampoline)
         run_inline = self._run_inline
         if run_inline is not None and timeout is None and self._state is _PENDING:
             run_inline()  # not under a timeout: the task could take longer than the waiter may
@@ -327,14 +342,21 @@ class Future(Generic[T]):
         """
         if not callable(callback):
             raise TypeError(f"add_done_callback() needs a callable, got {_short_repr(callback)}")
+        self._register(callback)
+
+    def _register(self, entry: _Entry) -> None:
+        """Add a callback entry, or run it now if this Future is already done."""
         with self._lock:
             if self._state is _PENDING:
-                if self._callbacks is None:
-                    self._callbacks = [callback]
+                callbacks = self._callbacks
+                if callbacks is None:
+                    self._callbacks = entry
+                elif type(callbacks) is list:
+                    callbacks.append(entry)
                 else:
-                    self._callbacks.append(callback)
+                    self._callbacks = [callbacks, entry]  # type: ignore[list-item]
                 return
-        _run_callbacks(self, [callback])
+        _run_callbacks(self, entry)
 
     def then(self, callback: Callable[[Future[T]], S]) -> Future[S]:
         """Return a new Future that completes with ``callback(self)`` once this one completes.
@@ -350,56 +372,47 @@ class Future(Generic[T]):
             raise TypeError(f"then() needs a callable, got {_short_repr(callback)}")
         child: Future[S] = Future()
         child._devices = self._devices
-        self.add_done_callback(_ThenCallback(callback, child))
+        child._then_fn = callback
+        self._register(child)  # the child itself is the entry: see _invoke
         return child
 
-
-class _ThenCallback:
-    """A then() callback: completes the child Future with the callback's outcome."""
-
-    __slots__ = ("child", "fn")
-
-    def __init__(self, fn: Callable[[Any], object], child: Future[Any]) -> None:
-        self.fn = fn
-        self.child = child
-
-    def __call__(self, future: Future[Any]) -> None:
-        child = self.child
+    def _run_then(self, parent: Future[Any]) -> None:
+        """The callback then() registers on the parent: complete self with then_fn(parent)."""
+        fn = self._then_fn
+        self._then_fn = None
         try:
-            result = self.fn(future)
+            result = fn(parent)  # type: ignore[misc]
         except BaseException as exc:
             # A failure merely re-raised from the parent keeps the parent's traceback, so a
             # failure flowing down a long chain does not grow one frame pair per link.
-            if exc is future._exception:
-                traceback = future._traceback
-                # Drop the frames the re-raise added: they hold `future`, which holds `exc`.
-                exc.with_traceback(traceback)
+            if exc is parent._exception:
+                traceback = parent._traceback
+                exc.with_traceback(traceback)  # drop the re-raise's frames: they hold parent
             else:
                 traceback = exc.__traceback__
-            # Break the cycle exception -> traceback -> this frame -> child -> exception.
-            self.child = None  # type: ignore[assignment]
-            future = None  # type: ignore[assignment]
-            child._try_complete(None, exc, traceback)
-            child = None  # type: ignore[assignment]
-            traceback = None
+            self._complete(None, exc, traceback)
+            # Break the cycle exception -> traceback -> this frame -> self -> exception.
+            self = parent = traceback = None  # type: ignore[assignment]
             return
-        child._try_complete(result, None)
+        self._complete(result, None)
 
 
-def _run_callbacks(future: Future[Any], callbacks: list[Callable[[Future[Any]], object]]) -> None:
+# A callback entry: a callable, or a Future made by then(), which completes itself from its
+# parent (a Future entry saves allocating a bound method per link of a then() chain).
+_Entry = Callable[["Future[Any]"], object] | Future[Any]
+
+
+def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> None:
     """Run ``callbacks`` for ``future`` inline, or defer them if this thread is nested too deep."""
-    trampoline = _TRAMPOLINE
+    trampoline = _PER_THREAD.trampoline
     depth = trampoline.depth
     if depth >= _MAX_INLINE_DEPTH:
         trampoline.deferred.append((future, callbacks))
         return
     trampoline.depth = depth + 1
-    for callback in callbacks:
-        try:
-            callback(future)
-        except BaseException:  # isolated: one failing callback must not starve the others
-            _log_callback_error(callback, future)
+    _invoke(future, callbacks)
     trampoline.depth = depth
+    callbacks = None  # type: ignore[assignment]  # see _invoke
     if not depth and trampoline.deferred:
         _drain_deferred(trampoline)
 
@@ -411,12 +424,36 @@ def _drain_deferred(trampoline: _Trampoline) -> None:
     while deferred:
         future, callbacks = deferred.popleft()
         trampoline.depth = depth + 1
-        for callback in callbacks:
-            try:
-                callback(future)
-            except BaseException:
-                _log_callback_error(callback, future)
+        _invoke(future, callbacks)
         trampoline.depth = depth
+    callbacks = None  # see _invoke
+
+
+def _invoke(future: Future[Any], callbacks: _Entry | list[_Entry]) -> None:
+    """Call each entry; a raising callback is logged and the others still run.
+
+    A traceback made in a callback keeps the calling frames, with their locals, alive: the
+    frames of this module drop their references to the entries before returning, or a then()
+    child failing with that exception would hold itself in a cycle.
+    """
+    if type(callbacks) is list:
+        for entry in callbacks:
+            _invoke_one(future, entry)
+        callbacks.clear()
+    else:
+        _invoke_one(future, callbacks)  # type: ignore[arg-type]
+        callbacks = None  # type: ignore[assignment]
+
+
+def _invoke_one(future: Future[Any], entry: _Entry) -> None:
+    try:
+        if type(entry) is Future:
+            entry._run_then(future)
+        else:
+            entry(future)  # type: ignore[operator]
+    except BaseException:
+        _log_callback_error(entry, future)
+    entry = None  # type: ignore[assignment]  # see _invoke
 
 
 def _log_callback_error(callback: object, future: Future[Any]) -> None:
