@@ -67,22 +67,16 @@ class _Trampoline:
 
 
 class _PerThread(threading.local):
-    # One thread-local lookup per completion; the fields are then plain slot accesses.
+    """This module's per-thread state, one thread-local lookup away."""
+
     def __init__(self) -> None:
         self.trampoline = _Trampoline()
-
-
-_PER_THREAD = _PerThread()
-
-
-class _BlockingHook(threading.local):
-    """Per-thread hooks run around a blocking wait (a pool worker grows its pool while blocked)."""
-
-    def __init__(self) -> None:
+        # Called before a blocking wait, returning what to call after it: a pool worker grows
+        # its pool, an RPC reader hands its connection to a new reader.
         self.on_block: Callable[[], Callable[[], None]] | None = None
 
 
-_BLOCKING_HOOK = _BlockingHook()
+_PER_THREAD = _PerThread()
 
 
 class Future(Generic[T]):
@@ -305,7 +299,7 @@ class Future(Generic[T]):
                 self._waiters = [waiter]
             else:
                 self._waiters.append(waiter)
-        on_block = _BLOCKING_HOOK.on_block
+        on_block = _PER_THREAD.on_block
         on_unblock = on_block() if on_block is not None else None
         try:
             acquired = waiter.acquire(True, -1 if timeout is None else timeout)

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from thenable._future import _BLOCKING_HOOK, Future
+from thenable._future import _PER_THREAD, Future
 
 __all__ = ["InteropPool", "TaskExecutor", "default_pool"]
 
@@ -187,7 +187,7 @@ class InteropPool:
             self._threads.add(thread)
 
     def _work(self) -> None:
-        _BLOCKING_HOOK.on_block = self._on_block
+        _PER_THREAD.on_block = self._on_block
         park = threading.Lock()
         park.acquire()
         tasks = self._tasks

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from thenable._future import _BLOCKING_HOOK
+from thenable._future import _PER_THREAD
 from thenable.rpc._protocol import (
     AuthenticationError,
     Connection,
@@ -138,7 +138,7 @@ class PeerConnection:
         return _noop
 
     def _read_loop(self) -> None:
-        _BLOCKING_HOOK.on_block = self._hand_off
+        _PER_THREAD.on_block = self._hand_off
         protocol = self._protocol
         sock = self._sock
         me = threading.current_thread()
