@@ -3,7 +3,7 @@
 Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and a
 fresh ``THENABLE_AUTH_KEY`` (so the workers authenticate each other), and each line it prints is
 prefixed with ``[rank]``.  If a worker fails, the others are stopped and the launcher exits with
-that worker's code; Ctrl-C stops them all.
+that worker's code; Ctrl-C or SIGTERM stops them all.
 """
 
 from __future__ import annotations
@@ -82,14 +82,28 @@ def launch_workers(
         )
         pump.start()
         pumps.append(pump)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = _supervise(workers)
     except KeyboardInterrupt:
         _stop(workers)
         code = 128 + signal.SIGINT
+    except _Terminated:
+        _stop(workers)
+        code = 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for pump in pumps:
         pump.join(timeout=_TERMINATE_GRACE_S)
     return code
+
+
+class _Terminated(Exception):
+    """The launcher got SIGTERM: stop the workers, then exit."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _supervise(workers: list[subprocess.Popen[bytes]]) -> int:

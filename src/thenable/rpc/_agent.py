@@ -369,6 +369,8 @@ class Agent:
                 del self._links[conn.peer_rank]
             lost = [rid for rid, p in self._pending.items() if p.link is conn]
             entries = [self._pending.pop(rid) for rid in lost]
+        if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN:
+            self.coordinator.peer_lost(conn.peer_rank)
         if self._state is AgentState.SHUT_DOWN:
             reason = "RPC was shut down"
         else:

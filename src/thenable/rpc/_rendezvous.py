@@ -96,6 +96,8 @@ class Coordinator:
         self._waiting: list[Future[list[WorkerAddress]]] = []
         self._table: Future[list[WorkerAddress]] = Future()
         self._rounds: dict[int, tuple[dict[int, bool], dict[int, Future[bool]]]] = {}
+        # Workers whose connection to rank 0 broke: no barrier they have not reached can end.
+        self._lost: set[int] = set()
 
     def join(self, worker: WorkerAddress, world_size: int) -> Future[list[WorkerAddress]]:
         """Record ``worker``; its Future completes with the whole table once all have joined."""
@@ -162,14 +164,42 @@ class Coordinator:
             votes, answers = self._rounds.setdefault(round_number, ({}, {}))
             votes[rank] = quiet
             answers[rank] = answer
-            if len(votes) < self._agent.world_size:
+            missing_lost = self._lost - set(votes)
+            if missing_lost:
+                del self._rounds[round_number]
+            elif len(votes) < self._agent.world_size:
                 return answer
-            del self._rounds[round_number]
+            else:
+                del self._rounds[round_number]
+        if missing_lost:
+            _fail_round(answers, missing_lost)
+            return answer
         all_quiet = all(votes.values())
         # Answer rank 0 itself last: it stops serving as soon as it has its answer.
         for other in sorted(answers, key=lambda r: r == self._agent.rank):
             answers[other].set_result(all_quiet)
         return answer
+
+    def peer_lost(self, rank: int) -> None:
+        """The connection to ``rank`` broke: fail the barrier rounds it has not reached."""
+        with self._lock:
+            self._lost.add(rank)
+            failing = [
+                self._rounds.pop(number)[1]
+                for number, (votes, _) in list(self._rounds.items())
+                if rank not in votes
+            ]
+        for answers in failing:
+            _fail_round(answers, {rank})
+
+
+def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
+    error = ConnectionError(
+        f"graceful shutdown cannot complete: rank(s) {sorted(lost)} lost their connection to "
+        "rank 0 (died?); the workers were stopped without waiting for them"
+    )
+    for answer in answers.values():
+        answer._try_complete(None, error)
 
 
 def _copy(source: Future[Any], target: Future[Any]) -> None:

@@ -183,31 +183,32 @@ class OwnerTable:
                     item = self._releases.get_nowait()
                 except queue.Empty:
                     break
-            sent = [self._release_batch(owner, forks) for owner, forks in batch.items()]
-            for future in sent:
-                try:
-                    future.wait()
-                except Exception as exc:  # the owner is gone: nothing left to release
-                    _LOGGER.debug("release not applied: %s", exc)
-            for marker in markers:
-                marker.set_result(None)
+            try:
+                self._release(batch)
+            finally:
+                for marker in markers:  # flush() must never hang, whatever happened above
+                    marker.set_result(None)
             if stop:
                 return
 
-    def _release_batch(self, owner: int, forks: list[tuple[RRefId, ForkId]]) -> Future[Any]:
+    def _release(self, batch: dict[int, list[tuple[RRefId, ForkId]]]) -> None:
+        """Apply releases here, or send them to their owners and wait for the answers."""
         agent = self._agent
-        if owner == agent.rank:
-            for rref_id, fork in forks:
-                self.release(rref_id, fork)
-            done: Future[None] = Future()
-            done.set_result(None)
-            return done
-        try:
-            return agent.call(owner, _release_forks, (forks,), {}, 0)
-        except RuntimeError as exc:  # shut down meanwhile
-            failed: Future[None] = Future()
-            failed.set_exception(exc)
-            return failed
+        sent: list[tuple[int, Future[Any]]] = []
+        for owner, forks in batch.items():
+            try:
+                if owner == agent.rank:
+                    for rref_id, fork in forks:
+                        self.release(rref_id, fork)
+                else:
+                    sent.append((owner, agent.call(owner, _release_forks, (forks,), {}, 0)))
+            except Exception as exc:  # e.g. shut down meanwhile: log, and go on with the rest
+                _LOGGER.info("releasing RRefs owned by rank %d failed: %s", owner, exc)
+        for owner, done in sent:
+            try:
+                done.wait()
+            except Exception as exc:  # the owner is gone: nothing left to release there
+                _LOGGER.info("releasing RRefs owned by rank %d failed: %s", owner, exc)
 
 
 class RRef(Generic[T]):

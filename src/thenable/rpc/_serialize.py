@@ -274,12 +274,10 @@ class _Pickler(pickle.Pickler):
         self._blocks: dict[tuple[_RegionKey, int, int], _Block] = {}
         self._ndarray: type | None = None
         self._tensor: type | None = None
-        numpy = sys.modules.get("numpy")
-        if numpy is not None:
-            self._ndarray = numpy.ndarray
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            self._tensor = torch.Tensor
+        # getattr: another thread may be importing numpy or torch right now, and a module
+        # that is still initializing has no attributes yet (then none of its objects exist).
+        self._ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
+        self._tensor = getattr(sys.modules.get("torch"), "Tensor", None)
 
     def reducer_override(self, obj: Any) -> Any:
         """Route arrays and tensors to the shared-block reducers; everything else as usual."""
@@ -438,8 +436,8 @@ def _dump(
     """One pickling pass: header, buffers and the byte range used in each region."""
     file = io.BytesIO()
     buffers: list[memoryview] = []
-    pickler = _Pickler(file, buffers, trim)
     try:
+        pickler = _Pickler(file, buffers, trim)
         pickler.dump(obj)
     except MemoryError:
         raise

@@ -1,0 +1,65 @@
+"""The async_execution patterns of the examples, without torch, and nested blocking calls.
+
+One group of three workers, each with num_worker_threads=1: worker0 makes the calls, worker1
+runs the async functions (which call worker2), and the nested handlers call back into worker0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import _remote_fns as fns
+import pytest
+from _harness import Group
+
+PATTERNS = (
+    "async_add_chained",
+    "static_async_add",
+    "class_async_add",
+    "bound_method_direct",
+    "rref.rpc_sync()",
+    "rref.rpc_async()",
+    "rref.remote()",
+    "bound method",
+    "rref.remote() classmethod",
+)
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[Group]:
+    with Group(3) as group:
+        group.init_all(fns.init_worker, rpc_timeout=30.0, num_worker_threads=1)
+        yield group
+        group.call_all(fns.shutdown_if_running)
+
+
+def test_async_execution_patterns_with_plain_numbers(group: Group) -> None:
+    out = group.call(0, fns.check_async_patterns, "float")
+    assert set(out) == set(PATTERNS)
+    assert out.pop("async_add_chained") == ("float", 3.0)
+    for pattern, value in out.items():
+        assert value == ("float", 4.0), pattern
+
+
+def test_async_execution_patterns_with_numpy_arrays(group: Group) -> None:
+    out = group.call(0, fns.check_async_patterns, "numpy")
+    assert set(out) == set(PATTERNS)
+    assert out.pop("async_add_chained") == ("ndarray", "float64", [3.0, 3.0])
+    for pattern, value in out.items():
+        assert value == ("ndarray", "float64", [4.0, 4.0]), pattern
+
+
+def test_nested_blocking_calls_do_not_deadlock_with_one_thread(group: Group) -> None:
+    """20 concurrent calls to worker1, whose handlers block on worker2 and on worker0 (whose
+    only handler thread is then needed while its main thread waits); all complete."""
+    count = 20
+    results = group.call(0, fns.check_nested, count, timeout=60.0)
+    assert results == [(i + 1000) + i * 2 for i in range(count)]
+
+
+def test_group_shuts_down_gracefully_after_all_checks(group: Group) -> None:
+    """Last test of the module: every worker's graceful shutdown completes."""
+    group.call_all(fns.shutdown_worker, True, 20.0)
+    assert group.call_all(fns.thenable_threads_left) == [[], [], []]
+    # Nothing in this module needs torch: the workers must not have imported it.
+    assert group.call_all(fns.loaded_modules, "torch") == [[], [], []]

@@ -1,0 +1,153 @@
+"""init_rpc: a missing peer, duplicate names, rank and world size from launchers' environments,
+and init through env:// (MASTER_ADDR/MASTER_PORT)."""
+
+from __future__ import annotations
+
+import _remote_fns as fns
+import pytest
+from _harness import Failure, Group, free_port
+from conftest import GroupFactory
+
+from thenable import rpc
+from thenable.rpc._options import resolve_rank_and_world_size
+
+INIT_TIMEOUT_S = 3.0
+
+
+def _is(failure: Failure, cls: type[BaseException], *fragments: str) -> None:
+    assert failure.type_name == f"{cls.__module__}.{cls.__qualname__}", failure.traceback
+    for fragment in fragments:
+        assert fragment in failure.message, (fragment, failure.message)
+
+
+def test_missing_peer_fails_init_on_every_worker_naming_it(make_group: GroupFactory) -> None:
+    """world_size=3 but only ranks 0 and 1 start: both fail within about rpc_timeout, rank 0
+    naming rank 2; RPC is left uninitialized (with no threads), so init_rpc works again."""
+    group: Group = make_group(2)
+    tickets = [
+        group.submit(rank, fns.init_failure, rank, 3, group.port, rpc_timeout=INIT_TIMEOUT_S)
+        for rank in (0, 1)
+    ]
+    outcomes = [group.result(ticket) for ticket in tickets]
+    for rank, (failure, elapsed, cleared, threads) in enumerate(outcomes):
+        _is(failure, TimeoutError)
+        assert INIT_TIMEOUT_S * 0.9 <= elapsed < INIT_TIMEOUT_S + 7.0, (rank, elapsed)
+        assert cleared is True, rank
+        assert threads == [], rank
+    _is(outcomes[0][0], TimeoutError, "rank(s) [2] did not join")
+    # Both can start a complete group afterwards.
+    group.init_all(fns.init_worker, port=free_port(), rpc_timeout=30.0)
+    assert group.call(1, fns.roundtrip, "worker0", 1) == 2
+    group.call_all(fns.shutdown_worker)
+    group.close()
+
+
+def test_duplicate_worker_names_are_refused(make_group: GroupFactory) -> None:
+    group: Group = make_group(2)
+    tickets = [
+        group.submit(
+            rank, fns.init_failure, rank, 2, group.port, name="twin", rpc_timeout=INIT_TIMEOUT_S
+        )
+        for rank in (0, 1)
+    ]
+    (first, _, first_cleared, _), (second, second_elapsed, second_cleared, _) = [
+        group.result(ticket) for ticket in tickets
+    ]
+    _is(second, ValueError, "'twin'", "ranks 0 and 1", "unique")
+    assert second_elapsed < INIT_TIMEOUT_S  # refused, not timed out
+    _is(first, TimeoutError, "rank(s) [1] did not join")
+    assert first_cleared is True
+    assert second_cleared is True
+    group.close()
+
+
+def test_init_through_env_master_addr_and_port(make_group: GroupFactory) -> None:
+    port = free_port()
+    envs = [
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+        }
+        for rank in range(2)
+    ]
+    group: Group = make_group(2, env=envs)
+    assert group.call_all(fns.init_from_env) == [("worker0", 0), ("worker1", 1)]
+    assert group.call(0, fns.listener_address) == ("127.0.0.1", port)
+    assert group.call(0, fns.roundtrip, "worker1", 1) == 2
+    assert group.call(1, fns.roundtrip, "worker0", 2) == 3
+    group.call_all(fns.shutdown_worker)
+    group.close()
+
+
+def test_env_init_without_master_address_says_what_to_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT") as info:
+        rpc.init_rpc("worker0", rank=0, world_size=1)
+    assert type(info.value) is ValueError
+    with pytest.raises(RuntimeError, match="init_rpc"):
+        rpc.get_worker_info()  # nothing was left running
+
+
+# -- resolve_rank_and_world_size (no processes) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "2", "WORLD_SIZE": "4"}, (2, 4)),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "3"}, (1, 3)),
+        ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, (0, 2)),
+        ({"PMI_RANK": "5", "PMI_SIZE": "6"}, (5, 6)),
+        # torchrun's variables win over Slurm's, Slurm's over Open MPI's.
+        ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "7", "SLURM_NTASKS": "8"}, (1, 2)),
+        (
+            {
+                "SLURM_PROCID": "3",
+                "SLURM_NTASKS": "4",
+                "OMPI_COMM_WORLD_RANK": "0",
+                "OMPI_COMM_WORLD_SIZE": "9",
+            },
+            (3, 4),
+        ),
+        # A launcher's pair counts only when complete.
+        ({"RANK": "1", "SLURM_PROCID": "2", "SLURM_NTASKS": "5"}, (2, 5)),
+    ],
+)
+def test_rank_and_world_size_from_launcher_env(
+    env: dict[str, str], expected: tuple[int, int]
+) -> None:
+    assert resolve_rank_and_world_size(-1, None, env) == expected
+
+
+def test_explicit_rank_and_world_size_win_over_env() -> None:
+    env = {"RANK": "1", "WORLD_SIZE": "4"}
+    assert resolve_rank_and_world_size(3, None, env) == (3, 4)
+    assert resolve_rank_and_world_size(-1, 2, env) == (1, 2)
+    assert resolve_rank_and_world_size(0, 1, env) == (0, 1)
+    assert resolve_rank_and_world_size(2, 3, {}) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "env", "fragment"),
+    [
+        (-1, None, {}, "RANK/WORLD_SIZE"),
+        (-1, None, {"WORLD_SIZE": "2"}, "SLURM_PROCID/SLURM_NTASKS"),
+        (-1, None, {"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+        (-1, None, {"SLURM_PROCID": "0", "SLURM_NTASKS": "n"}, "SLURM_NTASKS='n'"),
+        (-1, None, {"RANK": "2", "WORLD_SIZE": "2"}, "rank must be an int in [0, 2)"),
+        (5, 3, {}, "rank must be an int in [0, 3)"),
+        (0, 0, {}, "world_size must be an int >= 1"),
+    ],
+)
+def test_bad_rank_or_world_size_is_a_clear_value_error(
+    rank: int, world_size: int | None, env: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        resolve_rank_and_world_size(rank, world_size, env)
+    assert type(info.value) is ValueError
+    assert fragment in str(info.value)
