@@ -25,13 +25,14 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from thenable._future import _PER_THREAD, Future
 
 __all__ = ["InteropPool", "TaskExecutor", "default_pool"]
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _LOGGER = logging.getLogger("thenable.pool")
 
@@ -42,7 +43,7 @@ _MAX_EXTRA_WORKERS = 256
 class TaskExecutor(Protocol):
     """What ``fork`` needs of an executor: run ``fn(*args, **kwargs)``, returning its Future."""
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]: ...
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
 
 
 class _Task:
@@ -107,7 +108,7 @@ class InteropPool:
         """The number of worker threads the pool keeps (not counting blocked ones)."""
         return self._size
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Queue ``fn(*args, **kwargs)`` and return the Future of its result.
 
         Never raises for ``fn``'s sake: its exception goes into the Future.
@@ -328,7 +329,7 @@ def get_num_interop_threads() -> int:
     return default_pool().size
 
 
-def fork(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+def fork(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
     """Start ``func(*args, **kwargs)`` on the interop pool and return its Future at once.
 
     Unlike ``torch.jit.fork`` in eager mode, the call really runs in parallel (for code that
