@@ -24,8 +24,12 @@ say so and the others still run.
 Usage::
 
     python benchmarks/bench_futures.py            # full run, about a minute
-    python benchmarks/bench_futures.py --quick    # smoke run, a few seconds
+    python benchmarks/bench_futures.py --quick    # smoke run, under 20 seconds
     python benchmarks/bench_futures.py --rounds 41
+    python benchmarks/bench_futures.py --watchdog 0   # no time limit (default: dump stacks, exit)
+
+The load average is printed before and after: above the CPU count, other processes competed
+for the CPUs and the parallel speedups in particular are not meaningful.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures as cf
+import faulthandler
 import gc
 import math
 import os
@@ -70,13 +75,14 @@ class Contender:
     name: str
     run: Runner
     n: int = 0  # units per sample, set by calibration
+    gc_off: bool = False  # the cycle collector is disabled during samples
     samples: list[float] = field(default_factory=list)
 
     def calibrate(self, sample_ns: float) -> None:
         """Warm up, then pick ``n`` so that one sample takes about ``sample_ns``."""
         n = 16
         while True:
-            elapsed, units = _timed(self.run, n)
+            elapsed, units = _timed(self.run, n, self.gc_off)
             if elapsed >= sample_ns / 4 or n >= MAX_UNITS:
                 break
             n *= 4
@@ -84,7 +90,7 @@ class Contender:
         self.n = max(1, min(MAX_UNITS, round(sample_ns / per_unit)))
 
     def sample(self) -> None:
-        elapsed, units = _timed(self.run, self.n)
+        elapsed, units = _timed(self.run, self.n, self.gc_off)
         self.samples.append(elapsed / units)
 
 
@@ -108,9 +114,16 @@ class OpBench:
         return [self.thenable, *found]
 
 
-def _timed(run: Runner, n: int) -> tuple[int, int]:
-    """Run one sample with the cyclic GC off (for every contender alike)."""
+def _timed(run: Runner, n: int, gc_off: bool) -> tuple[int, int]:
+    """Run one sample, starting from a fresh collection (for every contender alike).
+
+    With ``gc_off`` (--no-gc) the cycle collector is disabled during the sample, as timeit
+    does; by default it stays on, as in a real program, so that allocation-heavy operations
+    (long then() chains) pay for the collections they trigger.
+    """
     gc.collect()
+    if not gc_off:
+        return run(n)
     gc.disable()
     try:
         return run(n)
@@ -424,7 +437,7 @@ def _build_ops(
     def plain_peer(name: str, run: Runner, target: float | None) -> Peer:
         return Peer(Contender(name, run), target, name=name)
 
-    tf = torch.futures if torch is not None else None
+    tf: Any = torch.futures if torch is not None else None
     th_future = thenable.Future
     return [
         OpBench(
@@ -494,9 +507,10 @@ def _build_ops(
 # -- running ------------------------------------------------------------------------------------
 
 
-def _run_ops(ops: list[OpBench], rounds: int, sample_ns: float) -> None:
+def _run_ops(ops: list[OpBench], rounds: int, sample_ns: float, gc_off: bool) -> None:
     for op in ops:
         for contender in op.contenders():
+            contender.gc_off = gc_off
             contender.calibrate(sample_ns)
     for r in range(rounds):
         for op in ops:
@@ -653,6 +667,14 @@ def _report_parallel(benches: list[ParallelBench], has_torch: bool) -> tuple[str
     return _table(headers, rows, right={1, 3, 4, 5}), passed, missed
 
 
+def _loadavg() -> str:
+    """The 1-minute load average: above the CPU count, other processes were competing."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:  # not available on this platform
+        return "n/a"
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -666,12 +688,31 @@ def main(argv: list[str] | None = None) -> int:
         help="interleaved rounds for ops 1-6 (default 25, or 5 with --quick); "
         "the parallel-speedup op runs about half as many (at least 3)",
     )
+    parser.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="disable the cycle collector during samples, as timeit does (default: it runs, "
+        "as in a real program, and each op pays for the collections its allocations trigger)",
+    )
+    parser.add_argument(
+        "--watchdog",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="if the run takes longer, dump every thread's stack to stderr and exit 1 "
+        "(a hang in a future or pool shows where it is stuck); 0 disables (default 600)",
+    )
     args = parser.parse_args(argv)
     rounds: int = args.rounds if args.rounds is not None else (5 if args.quick else 25)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
     parallel_rounds = max(3, math.ceil(rounds / 2))
     sample_ns = 5e6 if args.quick else 30e6
+
+    if args.watchdog < 0:
+        parser.error("--watchdog must be >= 0")
+    if args.watchdog:
+        faulthandler.dump_traceback_later(args.watchdog, exit=True)
 
     started = time.perf_counter()
     # torch.jit.fork warns that it is deprecated on every eager call; keep the table readable.
@@ -690,19 +731,25 @@ def main(argv: list[str] | None = None) -> int:
             f"python {platform.python_version()} | thenable {thenable.__version__} | "
             f"torch {torch.__version__ if torch is not None else 'not installed'} | "
             f"numpy {np.__version__} | {cpus} CPUs | "
-            f"thenable interop threads {thenable.get_num_interop_threads()}"
+            f"thenable interop threads {thenable.get_num_interop_threads()} | "
+            f"load average {_loadavg()}"
         )
         print(
             f"rounds {rounds} (speedup: {parallel_rounds}), ~{sample_ns / 1e6:.0f} ms per "
-            "sample, contenders interleaved in alternating order; ns/op = median over rounds, "
-            "ratio = median of per-round ratios thenable/peer",
+            f"sample, cycle GC {'off' if args.no_gc else 'on'} in samples; contenders "
+            "interleaved in alternating order; ns/op = median over rounds, ratio = median of "
+            "per-round ratios thenable/peer",
             flush=True,
         )
         if torch is None:
             print("torch not installed: torch rows are skipped")
 
         ops = _build_ops(torch, executor, loop)
-        _run_ops(ops, rounds, sample_ns)
+        # Move everything alive so far (torch's objects above all) out of the collector's reach:
+        # each sample starts with a gc.collect(), which then costs microseconds, not ~80 ms.
+        gc.collect()
+        gc.freeze()
+        _run_ops(ops, rounds, sample_ns, args.no_gc)
         ops_table, ops_pass, ops_miss = _report_ops(ops)
         print()
         print(ops_table, flush=True)
@@ -722,10 +769,11 @@ def main(argv: list[str] | None = None) -> int:
         executor.shutdown(wait=True)
         loop.close()
 
+    faulthandler.cancel_dump_traceback_later()
     passed, missed = ops_pass + par_pass, ops_miss + par_miss
     print(
         f"\n{passed} PASS, {missed} MISS of {passed + missed} targets "
-        f"({time.perf_counter() - started:.0f} s)"
+        f"({time.perf_counter() - started:.0f} s; load average now {_loadavg()})"
     )
     return 0
 

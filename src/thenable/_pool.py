@@ -5,9 +5,12 @@ Theory of operation
 ``submit`` puts a task on a FIFO queue and wakes one parked worker (or starts one while the pool
 is below its size).  Each task's Future carries the task's ``run`` as ``Future._run_inline``:
 whoever calls it first - a worker that pops the task, or a thread that ``wait``s on the Future
-before any worker has started it - claims it (under the Future's lock) and runs it.  So a
-waiter never blocks on a task that no thread is running, and nested ``fork``/``wait`` cannot
-deadlock, even with one thread.
+before any worker has started it - claims it (under the Future's lock) and runs it.  A waiter
+runs the task itself when it is a worker of the pool, when no worker is on its way, or when
+enough workers are on their way for all unclaimed tasks; otherwise it leaves the task to the
+workers, so the waiter does not make one more thread compete for the cores.  So a waiter never
+blocks on a task that no thread will run, and nested ``fork``/``wait`` cannot deadlock, even
+with one thread.
 
 A worker that blocks in ``Future.wait`` (on anything: a forked task running elsewhere, an RPC
 reply, a user's Future) reports it through a thread-local hook; while it is blocked the pool
@@ -49,26 +52,42 @@ class TaskExecutor(Protocol):
 class _Task:
     """One queued call and the Future it completes; runs at most once, by whoever claims it."""
 
-    __slots__ = ("args", "fn", "future", "kwargs")
+    __slots__ = ("args", "fn", "future", "kwargs", "pool")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        pool: InteropPool,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
+        self.pool = pool
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.future: Future[Any] = Future()
-        self.future._run_inline = self.run
+        self.future: Future[Any] | None = Future()
+        self.future._run_inline = self.help
+
+    def help(self) -> None:
+        """A thread is about to block on this task's Future: run it here if that is better."""
+        pool = self.pool
+        if pool is not None and pool._waiter_should_run_it():
+            self.run()
 
     def run(self) -> None:
         """Claim the task and run it in this thread; return at once if already claimed."""
         future = self.future
+        if future is None:
+            return
         with future._lock:
             if future._run_inline is None:
                 return
             future._run_inline = None
-        fn, args, kwargs = self.fn, self.args, self.kwargs
-        self.fn = self.args = self.kwargs = None  # type: ignore[assignment]
+        # Claimed.  Drop every reference the queue could keep alive: the task may sit in the
+        # queue until a worker pops it, long after a waiter ran it.
+        fn, args, kwargs, pool = self.fn, self.args, self.kwargs, self.pool
+        self.fn = self.args = self.kwargs = self.future = self.pool = None  # type: ignore[assignment]
+        pool._claimed()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
@@ -96,6 +115,11 @@ class InteropPool:
         self._size = _check_num_threads(num_threads if num_threads is not None else _cpus())
         self._workers = 0  # threads alive
         self._blocked = 0  # of them, blocked in Future.wait
+        # Workers released from parking (or just started) that have not looked for work yet,
+        # and tasks no thread has claimed: a waiter runs a task itself only when that does
+        # not leave more running threads than cores (see _waiter_should_run_it).
+        self._waking = 0
+        self._unclaimed = 0
         self._started = 0  # threads ever started, for names
         self._closing = False
         self._threads: set[threading.Thread] = set()
@@ -118,16 +142,22 @@ class InteropPool:
         """
         if not callable(fn):
             raise TypeError(f"fork() needs a callable to run, got {type(fn).__qualname__}")
-        task = _Task(fn, args, kwargs)
+        task = _Task(self, fn, args, kwargs)
+        future = task.future
+        assert future is not None
         if self._closing:
-            task.future._run_inline = None
-            task.future._complete(
+            future._run_inline = None
+            future._complete(
                 None, RuntimeError(f"cannot run new tasks: the pool {self._name} is shut down")
             )
-            return task.future
+            return future
         self._tasks.append(task)
-        self._wake_or_grow()
-        return task.future
+        with self._lock:
+            self._unclaimed += 1
+            park = self._wake_or_grow_locked()
+        if park is not None:
+            park.release()
+        return future
 
     def resize(self, num_threads: int) -> None:
         """Keep ``num_threads`` workers from now on; queued tasks still run.
@@ -141,8 +171,8 @@ class InteropPool:
         size = _check_num_threads(num_threads)
         with self._lock:
             self._size = size
-            parked, self._parked = self._parked, []
-            missing = min(len(self._tasks), size - (self._workers - self._blocked))
+            parked = self._unpark_all_locked()
+            missing = min(self._unclaimed, size - (self._workers - self._blocked))
             for _ in range(max(0, missing)):
                 self._start_worker_locked()
         for park in parked:  # let them re-check: the surplus retire, the rest park again
@@ -156,25 +186,48 @@ class InteropPool:
                 "workers": self._workers,
                 "blocked": self._blocked,
                 "idle": len(self._parked),
-                "queued": len(self._tasks),
+                "queued": self._unclaimed,
             }
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _wake_or_grow(self) -> None:
+    def _wake_or_grow_locked(self) -> threading.Lock | None:
+        """Get a worker for a new task: a parked one (returned, to release after the lock),
+        or a new thread while the pool is below its size."""
+        if self._parked:
+            self._waking += 1
+            return self._parked.pop()
+        if self._workers - self._blocked < self._size:
+            self._start_worker_locked()
+        return None
+
+    def _unpark_all_locked(self) -> list[threading.Lock]:
+        parked, self._parked = self._parked, []
+        self._waking += len(parked)
+        return parked
+
+    def _claimed(self) -> None:
         with self._lock:
-            if self._parked:
-                park = self._parked.pop()
-            else:
-                if self._workers - self._blocked < self._size:
-                    self._start_worker_locked()
-                return
-        park.release()
+            self._unclaimed -= 1
+
+    def _waiter_should_run_it(self) -> bool:
+        """Whether a thread about to block on a queued task should run it itself.
+
+        Yes for this pool's own workers (nested fork/wait: the waiter's core is idle anyway),
+        and when no worker is on its way (the pool is busy: nobody else would run it soon).
+        Otherwise only if the workers on their way are at least as many as the unclaimed
+        tasks, so that running it here does not make one more thread compete for the cores.
+        """
+        if _PER_THREAD.on_block == self._on_block:
+            return True
+        with self._lock:
+            return not self._waking or self._unclaimed <= self._waking
 
     def _start_worker_locked(self) -> None:
         if self._workers >= self._size + _MAX_EXTRA_WORKERS:
             return
         self._workers += 1
+        self._waking += 1
         self._started += 1
         thread = threading.Thread(
             target=self._work, name=f"{self._name}-{self._started}", daemon=True
@@ -183,6 +236,7 @@ class InteropPool:
             thread.start()
         except RuntimeError:  # can't start new thread (resource limits, interpreter exit)
             self._workers -= 1
+            self._waking -= 1
             _LOGGER.exception("could not start an interop worker thread")
         else:
             self._threads.add(thread)
@@ -192,6 +246,8 @@ class InteropPool:
         park = threading.Lock()
         park.acquire()
         tasks = self._tasks
+        with self._lock:
+            self._waking -= 1
         while True:
             try:
                 task = tasks.popleft()
@@ -211,17 +267,14 @@ class InteropPool:
                     continue
                 self._parked.append(park)
             park.acquire()
+            with self._lock:
+                self._waking -= 1
 
     def _on_block(self) -> Callable[[], None]:
         """A worker is about to block: run queued work on another thread meanwhile."""
         with self._lock:
             self._blocked += 1
-            park = None
-            if self._tasks:
-                if self._parked:
-                    park = self._parked.pop()
-                elif self._workers - self._blocked < self._size:
-                    self._start_worker_locked()
+            park = self._wake_or_grow_locked() if self._unclaimed else None
         if park is not None:
             park.release()
         return self._on_unblock
@@ -238,7 +291,7 @@ class InteropPool:
         """
         with self._lock:
             self._closing = True
-            parked, self._parked = self._parked, []
+            parked = self._unpark_all_locked()
         for park in parked:
             park.release()
         if not wait:

@@ -1,0 +1,1019 @@
+#!/usr/bin/env python
+"""Side-by-side RPC benchmark: thenable.rpc vs torch.distributed.rpc (TensorPipe).
+
+Both backends run in ONE invocation, one after the other, alternating from round to round
+(round 1: thenable then torch; round 2: torch then thenable; ...), so that a burst of noise on a
+shared machine hits both alike.  Every *run* of a backend starts fresh processes (spawn), picks
+a free port and rendezvouses over ``tcp://127.0.0.1:PORT`` with the SAME code for both backends
+(only the ``rpc`` module differs): ``init_rpc``, ``rpc_sync``, ``rpc_async``, ``remote``,
+``shutdown``.  Rank 0 makes all the measurements (after a warm-up) and sends them to this
+process; rank 1 only serves.  Every run has a time limit: a hang or a crash in either backend
+becomes an error row (with the stacks of the hung process, dumped by faulthandler), never a
+stuck benchmark.
+
+Per-run values are the median of several samples; the table shows the median over rounds of
+each backend and the median of the per-round ratios thenable/torch (both measured in the same
+round), with its range over rounds.  Targets (the issue "RPC performance: beat
+torch.distributed.rpc side by side"):
+
+==========================================================  =====================================
+rpc_sync round trip of a no-op, small args                   thenable/torch time <= 0.5
+pipelined rpc_async no-ops, 20,000 in flight                 thenable/torch calls/s >= 3
+echo of a 1 MiB float32 tensor (sent and returned)           thenable/torch bandwidth >= 2
+echo of a 100 MiB float32 tensor                             thenable/torch bandwidth >= 2
+``remote(torch.add, (ones(2), 3)).to_here()``                thenable/torch time <= 0.5
+==========================================================  =====================================
+
+Bandwidth counts the bytes of the tensor both ways (sent + returned = 2 x its size), for both
+backends.  The scale section (``--skip-scale`` to skip it) measures ``init_rpc`` and an
+all-to-all round of no-ops at world sizes 2, 4, 8 and 16, and the latency of an echo of a uint8
+tensor from 8 B to 100 MiB; it draws ``rpc_latency_vs_payload.png`` and
+``rpc_init_vs_world_size.png`` (with matplotlib, when installed) and writes the tables to
+``rpc_benchmark.md`` in ``--charts DIR``.
+
+Usage::
+
+    python benchmarks/bench_rpc.py                 # full run, about 6-10 minutes on 2 cores
+    python benchmarks/bench_rpc.py --quick         # smoke run, under a minute (charts: tmp dir)
+    python benchmarks/bench_rpc.py --rounds 9 --skip-scale
+    python benchmarks/bench_rpc.py --charts /tmp/out
+
+TensorPipe runs with its default transports and channels (on one host it may pick shared
+memory and cross-memory-attach over TCP); ``--torch-tcp-only`` restricts it to its TCP
+transport ("uv") and "basic" channel, which is what thenable uses.  The machines this was
+written on have 2 cores and are shared: read the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import math
+import multiprocessing as mp
+import os
+import platform
+import queue
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+BACKENDS = ("thenable", "torch")
+MIB = 1 << 20
+PAYLOAD_SIZES = (8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 100 << 20)
+WORLD_SIZES = (2, 4, 8, 16)
+SMALL_ARGS = (1, "a")
+PIPELINE_CALLS = 20_000
+
+perf = time.perf_counter
+
+
+# -- RPC targets: module level, so that the callee unpickles them by name ----------------------
+# Under spawn, this script is imported by every child as ``__mp_main__`` and pickled functions
+# defined here refer to that module, which exists in every child alike.
+
+
+def noop(*args: Any) -> None:
+    """The no-op of the latency and throughput measurements."""
+    return None
+
+
+def identity(x: T) -> T:
+    """The callee of the echo measurements: returns its argument (sent back over the wire)."""
+    return x
+
+
+# -- what a run is told, and what it reports ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Iters:
+    """Iteration counts of one measurement run (scaled down by --quick)."""
+
+    sync_warm: int = 500
+    sync_n: int = 500
+    sync_samples: int = 7
+    pipe_warm: int = 2_000
+    pipe_samples: int = 3
+    echo1_warm: int = 20
+    echo1_n: int = 40
+    echo1_samples: int = 5
+    echo100_warm: int = 2
+    echo100_samples: int = 5
+    remote_warm: int = 200
+    remote_n: int = 200
+    remote_samples: int = 5
+    a2a_warm: int = 5
+    a2a_rounds: int = 30
+    payload_calls: tuple[int, ...] = (300, 300, 200, 40, 8, 4)
+
+
+QUICK_ITERS = Iters(
+    sync_warm=200,
+    sync_n=200,
+    sync_samples=3,
+    pipe_warm=1_000,
+    pipe_samples=1,
+    echo1_warm=5,
+    echo1_n=20,
+    echo1_samples=3,
+    echo100_warm=1,
+    echo100_samples=2,
+    remote_warm=50,
+    remote_n=100,
+    remote_samples=3,
+    a2a_warm=2,
+    a2a_rounds=10,
+    payload_calls=(50, 50, 50, 10, 3, 2),
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One group of processes of one backend (picklable: sent to the spawned children)."""
+
+    backend: str
+    mode: str  # "pair": rank 0 measures the main metrics; "scale": init + all-to-all only
+    world_size: int
+    port: int
+    iters: Iters
+    payload_sweep: bool  # pair mode: also the latency vs payload sweep
+    torch_tcp_only: bool
+    timeout_s: float  # the whole run; the children dump their stacks and exit a bit before
+    rpc_timeout_s: float
+
+
+@dataclass
+class GroupResult:
+    """What the processes of one run reported."""
+
+    backend: str
+    world_size: int
+    values: dict[int, dict[str, float]] = field(default_factory=dict)  # rank -> name -> value
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = math.nan
+
+    def rank0(self, name: str) -> float | None:
+        return self.values.get(0, {}).get(name)
+
+    def max_over_ranks(self, name: str) -> float | None:
+        found = [v[name] for v in self.values.values() if name in v]
+        if len(found) < self.world_size:
+            return None  # a rank did not report it: the figure would be partial
+        return max(found)
+
+
+# -- the child processes ------------------------------------------------------------------------
+
+
+class _Reporter:
+    """Sends (rank, kind, payload) tuples to the parent and remembers the current phase."""
+
+    def __init__(self, q: Any, rank: int) -> None:
+        self.q = q
+        self.rank = rank
+        self.phase = "start"
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.q.put((self.rank, "phase", phase))
+
+    def value(self, name: str, value: float) -> None:
+        self.q.put((self.rank, "value", (name, float(value))))
+
+    def error(self, text: str) -> None:
+        self.q.put((self.rank, "error", f"rank {self.rank}, during {self.phase}: {text}"))
+
+    def done(self) -> None:
+        self.q.put((self.rank, "done", None))
+
+
+def _load_backend(cfg: RunConfig) -> tuple[ModuleType, Callable[[list[Any]], Any]]:
+    """The ``rpc`` module of the backend and its ``wait_all``."""
+    if cfg.backend == "thenable":
+        import thenable
+        from thenable import rpc as thenable_rpc
+
+        return thenable_rpc, thenable.wait_all
+    import torch.distributed.rpc as torch_rpc
+    import torch.futures
+
+    return torch_rpc, torch.futures.wait_all
+
+
+def _options(rpc: ModuleType, cfg: RunConfig) -> Any:
+    kwargs: dict[str, Any] = {
+        "init_method": f"tcp://127.0.0.1:{cfg.port}",
+        "rpc_timeout": cfg.rpc_timeout_s,
+        "num_worker_threads": 16,
+    }
+    if cfg.backend == "torch" and cfg.torch_tcp_only:
+        kwargs["_transports"] = ["uv"]
+        kwargs["_channels"] = ["basic"]
+    return rpc.TensorPipeRpcBackendOptions(**kwargs)
+
+
+def _child_main(cfg: RunConfig, rank: int, barrier: Any, q: Any, log_path: str) -> None:
+    """Entry point of every spawned process: init_rpc, measure (rank 0), shutdown."""
+    log = open(log_path, "w", buffering=1)  # noqa: SIM115 - lives as long as the process
+    os.dup2(log.fileno(), 1)  # C++ logging and Python warnings go to the run's log file
+    os.dup2(log.fileno(), 2)
+    # A hang dumps every thread's stack into the log and exits, before the parent's kill.
+    faulthandler.dump_traceback_later(max(5.0, cfg.timeout_s - 10.0), exit=True)
+    rep = _Reporter(q, rank)
+    try:
+        if cfg.backend == "torch":
+            os.environ.setdefault("TP_SOCKET_IFNAME", "lo")  # TensorPipe's TCP on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        rpc, wait_all = _load_backend(cfg)
+        if cfg.mode == "pair":
+            import torch  # noqa: F401 - the payloads; imported before the clock starts
+
+        rep.enter("barrier before init_rpc")
+        barrier.wait(timeout=cfg.timeout_s)
+        rep.enter("init_rpc")
+        t0 = perf()
+        rpc.init_rpc(
+            f"w{rank}", rank=rank, world_size=cfg.world_size, rpc_backend_options=_options(rpc, cfg)
+        )
+        rep.value("init_s", perf() - t0)
+        if cfg.mode == "pair" and rank == 0:
+            _measure_pair(rpc, wait_all, cfg, rep)
+        elif cfg.mode == "scale":
+            rep.enter("barrier before all-to-all")
+            barrier.wait(timeout=cfg.timeout_s)
+            _measure_all_to_all(rpc, wait_all, cfg, rank, rep)
+        rep.enter("shutdown")
+        t0 = perf()
+        rpc.shutdown(graceful=True, timeout=cfg.timeout_s)
+        rep.value("shutdown_s", perf() - t0)
+        rep.done()
+    except BaseException:
+        rep.error(traceback.format_exc())
+        traceback.print_exc()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        with contextlib.suppress(BaseException):
+            q.close()
+            q.join_thread()  # what was put reaches the parent before the hard exit
+        log.flush()
+        # A hard exit: no interpreter teardown (atexit hooks, non-daemon threads) can hang it.
+        os._exit(0)
+
+
+def _per_op(fn: Callable[[], object], n: int, samples: int) -> float:
+    """Median over ``samples`` of the mean time of ``fn()`` over ``n`` calls, in seconds."""
+    times = []
+    for _ in range(samples):
+        t0 = perf()
+        for _ in range(n):
+            fn()
+        times.append((perf() - t0) / n)
+    return statistics.median(times)
+
+
+def _each_op(fn: Callable[[], object], n: int) -> float:
+    """Median time of ``n`` single calls of ``fn()``, in seconds."""
+    times = []
+    for _ in range(n):
+        t0 = perf()
+        fn()
+        times.append(perf() - t0)
+    return statistics.median(times)
+
+
+def _measure_pair(
+    rpc: ModuleType, wait_all: Callable[[list[Any]], Any], cfg: RunConfig, rep: _Reporter
+) -> None:
+    """Rank 0 of a pair: the main metrics, each after its warm-up, against rank 1."""
+    import torch
+
+    it = cfg.iters
+    dst = "w1"
+
+    rep.enter("rpc_sync no-op")
+
+    def sync_noop() -> None:
+        rpc.rpc_sync(dst, noop, args=SMALL_ARGS)
+
+    for _ in range(it.sync_warm):
+        sync_noop()
+    rep.value("sync_noop_s", _per_op(sync_noop, it.sync_n, it.sync_samples))
+
+    rep.enter("rpc_sync torch.add")
+    small = torch.ones(2)
+
+    def sync_add() -> None:
+        rpc.rpc_sync(dst, torch.add, args=(small, 3))
+
+    if not torch.equal(rpc.rpc_sync(dst, torch.add, args=(small, 3)), small + 3):
+        raise AssertionError("rpc_sync(torch.add) returned a wrong value")
+    for _ in range(it.sync_warm // 2):
+        sync_add()
+    rep.value("sync_add_s", _per_op(sync_add, it.sync_n, it.sync_samples))
+
+    rep.enter(f"pipelined rpc_async x {PIPELINE_CALLS}")
+
+    def pipeline(n: int) -> float:
+        t0 = perf()
+        futs = [rpc.rpc_async(dst, noop, args=SMALL_ARGS) for _ in range(n)]
+        wait_all(futs)
+        return n / (perf() - t0)
+
+    pipeline(it.pipe_warm)
+    rates = [pipeline(PIPELINE_CALLS) for _ in range(it.pipe_samples)]
+    rep.value("pipe_calls_per_s", statistics.median(rates))
+
+    for label, numel, warm, n, samples in (
+        ("echo1", MIB // 4, it.echo1_warm, it.echo1_n, it.echo1_samples),
+        ("echo100", 100 * MIB // 4, it.echo100_warm, 1, it.echo100_samples),
+    ):
+        rep.enter(f"{label} (float32 tensor of {numel * 4} bytes)")
+        tensor = torch.rand(numel)
+        back = rpc.rpc_sync(dst, identity, args=(tensor,))
+        if not torch.equal(back, tensor):
+            raise AssertionError(f"{label}: the echoed tensor differs from the one sent")
+        del back
+
+        def echo(t: Any = tensor) -> None:
+            rpc.rpc_sync(dst, identity, args=(t,))
+
+        for _ in range(warm):
+            echo()
+        seconds = _per_op(echo, n, samples)
+        rep.value(f"{label}_s", seconds)
+        rep.value(f"{label}_gbps", 2 * tensor.numel() * tensor.element_size() / seconds / 1e9)
+        del tensor
+
+    rep.enter("remote().to_here()")
+
+    def remote_to_here() -> None:
+        rpc.remote(dst, torch.add, args=(small, 3)).to_here()
+
+    if not torch.equal(rpc.remote(dst, torch.add, args=(small, 3)).to_here(), small + 3):
+        raise AssertionError("remote(torch.add).to_here() returned a wrong value")
+    for _ in range(it.remote_warm):
+        remote_to_here()
+    rep.value("remote_s", _per_op(remote_to_here, it.remote_n, it.remote_samples))
+
+    if cfg.payload_sweep:
+        for size, calls in zip(PAYLOAD_SIZES, it.payload_calls):
+            rep.enter(f"payload sweep, uint8 tensor of {size} bytes")
+            payload = torch.randint(0, 256, (size,), dtype=torch.uint8)
+            if not torch.equal(rpc.rpc_sync(dst, identity, args=(payload,)), payload):
+                raise AssertionError(f"echo of {size} bytes: the echoed tensor differs")
+
+            def echo_payload(t: Any = payload) -> None:
+                rpc.rpc_sync(dst, identity, args=(t,))
+
+            for _ in range(max(2, calls // 10)):
+                echo_payload()
+            rep.value(f"payload_s:{size}", _each_op(echo_payload, calls))
+            del payload
+
+
+def _measure_all_to_all(
+    rpc: ModuleType,
+    wait_all: Callable[[list[Any]], Any],
+    cfg: RunConfig,
+    rank: int,
+    rep: _Reporter,
+) -> None:
+    """Every rank: rpc_async a no-op to every other rank, wait_all; the median round time."""
+    others = [f"w{r}" for r in range(cfg.world_size) if r != rank]
+    rep.enter("all-to-all")
+
+    def one_round() -> None:
+        wait_all([rpc.rpc_async(to, noop, args=SMALL_ARGS) for to in others])
+
+    for _ in range(cfg.iters.a2a_warm):
+        one_round()
+    rep.value("a2a_s", _each_op(one_round, cfg.iters.a2a_rounds))
+
+
+# -- the parent: start, watch and collect a group -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
+    """Start ``cfg.world_size`` processes, collect their reports, make sure they are gone."""
+    ctx = mp.get_context("spawn")
+    q: Any = ctx.Queue()
+    barrier: Any = ctx.Barrier(cfg.world_size)
+    result = GroupResult(cfg.backend, cfg.world_size)
+    logs = [log_dir / f"{tag}-rank{r}.log" for r in range(cfg.world_size)]
+    procs = [
+        ctx.Process(
+            target=_child_main,
+            args=(cfg, r, barrier, q, str(logs[r])),
+            name=f"bench-{cfg.backend}-{r}",
+            daemon=True,
+        )
+        for r in range(cfg.world_size)
+    ]
+    phases = dict.fromkeys(range(cfg.world_size), "process start")
+    finished: set[int] = set()
+    t0 = perf()
+    deadline = t0 + cfg.timeout_s
+    for p in procs:
+        p.start()
+    dead_since: float | None = None
+    while len(finished) < cfg.world_size:
+        try:
+            rank, kind, payload = q.get(timeout=0.2)
+        except queue.Empty:
+            now = perf()
+            if now > deadline:
+                stuck = {r: phases[r] for r in range(cfg.world_size) if r not in finished}
+                result.errors.append(
+                    f"timed out after {cfg.timeout_s:.0f} s; unfinished ranks and their phase: "
+                    f"{stuck}"
+                )
+                break
+            if all(not p.is_alive() for p in procs):
+                # Everything left in the queue arrives within a moment of the last exit.
+                dead_since = dead_since if dead_since is not None else now
+                if now - dead_since > 2.0:
+                    for r in sorted(set(range(cfg.world_size)) - finished):
+                        result.errors.append(
+                            f"rank {r} exited (code {procs[r].exitcode}) during {phases[r]} "
+                            "without reporting"
+                        )
+                    break
+            continue
+        if kind == "phase":
+            phases[rank] = payload
+        elif kind == "value":
+            name, value = payload
+            result.values.setdefault(rank, {})[name] = value
+        elif kind == "error":
+            result.errors.append(payload)
+            finished.add(rank)
+        elif kind == "done":
+            finished.add(rank)
+    result.wall_s = perf() - t0
+    _reap(procs)
+    for r, p in enumerate(procs):
+        if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
+            result.errors.append(f"rank {r} exit code {p.exitcode}")
+    if result.errors:
+        for r, path in enumerate(logs):
+            result.errors.append(f"--- log of rank {r} ({path}), last lines:\n{_tail(path)}")
+    with contextlib.suppress(Exception):
+        q.close()
+        q.cancel_join_thread()
+    return result
+
+
+def _reap(procs: Sequence[Any]) -> None:
+    """Join, then terminate, then kill: nothing outlives its run."""
+    end = perf() + 15.0
+    for p in procs:
+        p.join(timeout=max(0.1, end - perf()))
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=3.0)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=3.0)
+
+
+# -- the schedule ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """Per backend, per metric, the value of every round (None where the run failed)."""
+
+    pair: dict[str, list[GroupResult]] = field(default_factory=dict)
+    scale: dict[tuple[str, int], list[GroupResult]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def _order(round_index: int) -> tuple[str, ...]:
+    return BACKENDS if round_index % 2 == 0 else BACKENDS[::-1]
+
+
+def _note_errors(col: Collected, res: GroupResult, what: str) -> None:
+    if res.errors:
+        col.errors.append(f"[{what}]\n" + "\n".join(res.errors))
+        print(f"    ERROR in {what}: {res.errors[0].splitlines()[0][:200]}", flush=True)
+
+
+def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
+    col = Collected()
+    iters = QUICK_ITERS if args.quick else Iters()
+    pair_timeout = args.run_timeout or (60.0 if args.quick else 240.0)
+    for b in BACKENDS:
+        col.pair[b] = []
+    for i in range(args.rounds):
+        for b in _order(i):
+            cfg = RunConfig(
+                backend=b,
+                mode="pair",
+                world_size=2,
+                port=_free_port(),
+                iters=iters,
+                payload_sweep=not args.skip_scale,
+                torch_tcp_only=args.torch_tcp_only,
+                timeout_s=pair_timeout,
+                rpc_timeout_s=60.0,
+            )
+            what = f"round {i + 1}, {b}"
+            res = run_group(cfg, log_dir, f"r{i + 1}-{b}-pair")
+            col.pair[b].append(res)
+            print(f"  {what}: {res.wall_s:.1f} s", flush=True)
+            _note_errors(col, res, what)
+    if args.skip_scale:
+        return col
+    sizes = WORLD_SIZES[:2] if args.quick else WORLD_SIZES
+    scale_rounds = args.scale_rounds or (1 if args.quick else min(3, args.rounds))
+    for i in range(scale_rounds):
+        for ws in sizes:
+            for b in _order(i):
+                if b == "torch" and args.no_torch_scale:
+                    continue
+                cfg = RunConfig(
+                    backend=b,
+                    mode="scale",
+                    world_size=ws,
+                    port=_free_port(),
+                    iters=iters,
+                    payload_sweep=False,
+                    torch_tcp_only=args.torch_tcp_only,
+                    timeout_s=args.run_timeout or (60.0 + 6.0 * ws),
+                    rpc_timeout_s=60.0,
+                )
+                what = f"scale round {i + 1}, world size {ws}, {b}"
+                res = run_group(cfg, log_dir, f"s{i + 1}-ws{ws}-{b}")
+                col.scale.setdefault((b, ws), []).append(res)
+                print(f"  {what}: {res.wall_s:.1f} s", flush=True)
+                _note_errors(col, res, what)
+    return col
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    kind: str  # "time" (lower is better) or "rate" (higher is better)
+    unit: str
+    target: float | None  # ratio thenable/torch: at most (time) or at least (rate)
+
+
+METRICS = (
+    Metric("sync_noop_s", "rpc_sync round trip, no-op, small args", "time", "us", 0.5),
+    Metric("pipe_calls_per_s", "pipelined rpc_async no-ops, 20,000 in flight", "rate", "calls/s", 3),
+    Metric("echo1_gbps", "echo of a 1 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
+    Metric("echo100_gbps", "echo of a 100 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
+    Metric("remote_s", "remote(torch.add, (ones(2), 3)).to_here()", "time", "us", 0.5),
+    Metric("sync_add_s", "rpc_sync(torch.add, (ones(2), 3)) [info]", "time", "us", None),
+    Metric("echo1_s", "echo of a 1 MiB float32 tensor, round trip [info]", "time", "ms", None),
+    Metric("echo100_s", "echo of a 100 MiB float32 tensor, round trip [info]", "time", "ms", None),
+    Metric("init_s", "init_rpc, 2 workers (max over ranks) [info]", "time", "ms", None),
+    Metric("shutdown_s", "shutdown() on rank 0 [info]", "time", "ms", None),
+)
+
+_SCALE = {"us": 1e6, "ms": 1e3, "s": 1.0, "calls/s": 1.0, "GB/s": 1.0}
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    v = value * _SCALE.get(unit, 1.0)
+    if unit == "calls/s":
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _pair_value(res: GroupResult, key: str) -> float | None:
+    if key == "init_s":
+        return res.max_over_ranks("init_s")
+    return res.rank0(key)
+
+
+@dataclass
+class Row:
+    cells: list[str]
+
+
+def _ratio_cells(
+    t_vals: Sequence[float | None], p_vals: Sequence[float | None]
+) -> tuple[float | None, str]:
+    """Median of the per-round ratios thenable/torch (same round), and its range as text."""
+    ratios = [t / p for t, p in zip(t_vals, p_vals) if t is not None and p is not None and p > 0]
+    if not ratios:
+        return None, "-"
+    med = statistics.median(ratios)
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else "-"
+    return med, spread
+
+
+def _runs_note(vals: Sequence[float | None]) -> str:
+    ok = sum(v is not None for v in vals)
+    return "" if ok == len(vals) else f" (ERROR in {len(vals) - ok}/{len(vals)} runs)"
+
+
+def main_table(col: Collected) -> tuple[list[str], list[list[str]], list[bool | None]]:
+    header = [
+        "metric",
+        "unit",
+        "thenable",
+        "torch",
+        "thenable/torch",
+        "range",
+        "better",
+        "target",
+        "result",
+    ]
+    rows: list[list[str]] = []
+    verdicts: list[bool | None] = []
+    for m in METRICS:
+        t_vals = [_pair_value(r, m.key) for r in col.pair["thenable"]]
+        p_vals = [_pair_value(r, m.key) for r in col.pair["torch"]]
+        t_med = _median([v for v in t_vals if v is not None])
+        p_med = _median([v for v in p_vals if v is not None])
+        ratio, spread = _ratio_cells(t_vals, p_vals)
+        better = "lower" if m.kind == "time" else "higher"
+        if m.target is None:
+            target, verdict, ok = "-", "info", None
+        else:
+            op = "<=" if m.kind == "time" else ">="
+            target = f"{op} {m.target:g}"
+            if ratio is None:
+                verdict, ok = "ERROR", False
+            else:
+                ok = ratio <= m.target if m.kind == "time" else ratio >= m.target
+                verdict = "PASS" if ok else "MISS"
+        verdicts.append(ok)
+        rows.append(
+            [
+                m.label,
+                m.unit,
+                _fmt(t_med, m.unit) + _runs_note(t_vals),
+                _fmt(p_med, m.unit) + _runs_note(p_vals),
+                "-" if ratio is None else f"{ratio:.2f}",
+                spread,
+                better,
+                target,
+                verdict,
+            ]
+        )
+    return header, rows, verdicts
+
+
+def _size_label(size: int) -> str:
+    if size >= MIB:
+        return f"{size // MIB} MiB"
+    if size >= 1024:
+        return f"{size // 1024} KiB"
+    return f"{size} B"
+
+
+def payload_table(col: Collected) -> tuple[list[str], list[list[str]], dict[str, list[float]]]:
+    header = ["payload (uint8)", "thenable", "torch", "thenable/torch", "thenable GB/s", "torch GB/s"]
+    rows: list[list[str]] = []
+    series: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for size in PAYLOAD_SIZES:
+        key = f"payload_s:{size}"
+        per_b = {b: [r.rank0(key) for r in col.pair[b]] for b in BACKENDS}
+        meds = {b: _median([v for v in per_b[b] if v is not None]) for b in BACKENDS}
+        for b in BACKENDS:
+            series[b].append(math.nan if meds[b] is None else meds[b] or math.nan)
+        ratio, _ = _ratio_cells(per_b["thenable"], per_b["torch"])
+
+        def lat(v: float | None) -> str:
+            if v is None:
+                return "-"
+            return f"{v * 1e6:,.0f} us" if v < 0.01 else f"{v * 1e3:,.1f} ms"
+
+        def bw(v: float | None, size: int = size) -> str:
+            return "-" if not v else f"{2 * size / v / 1e9:.3g}"
+
+        rows.append(
+            [
+                _size_label(size),
+                lat(meds["thenable"]),
+                lat(meds["torch"]),
+                "-" if ratio is None else f"{ratio:.2f}",
+                bw(meds["thenable"]),
+                bw(meds["torch"]),
+            ]
+        )
+    return header, rows, series
+
+
+def scale_table(
+    col: Collected, sizes: Sequence[int]
+) -> tuple[list[str], list[list[str]], dict[str, dict[str, list[float]]]]:
+    header = [
+        "world size",
+        "init_rpc thenable",
+        "init_rpc torch",
+        "ratio",
+        "all-to-all thenable",
+        "all-to-all torch",
+        "ratio",
+    ]
+    rows: list[list[str]] = []
+    series: dict[str, dict[str, list[float]]] = {
+        b: {"init_s": [], "a2a_s": []} for b in BACKENDS
+    }
+    for ws in sizes:
+        cells = [str(ws)]
+        for key in ("init_s", "a2a_s"):
+            per_b = {
+                b: [r.max_over_ranks(key) for r in col.scale.get((b, ws), [])] for b in BACKENDS
+            }
+            meds = {b: _median([v for v in per_b[b] if v is not None]) for b in BACKENDS}
+            for b in BACKENDS:
+                series[b][key].append(math.nan if meds[b] is None else meds[b] or math.nan)
+            ratio, _ = _ratio_cells(per_b["thenable"], per_b["torch"])
+            for b in BACKENDS:
+                runs = per_b[b]
+                if not runs:
+                    cells.append("not run")
+                else:
+                    cells.append(_fmt(meds[b], "ms") + " ms" + _runs_note(runs))
+            cells.append("-" if ratio is None else f"{ratio:.2f}")
+        rows.append(cells)
+    return header, rows, series
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _plain(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+# -- charts ---------------------------------------------------------------------------------------
+
+
+def write_charts(
+    out: Path,
+    payload: dict[str, list[float]] | None,
+    scale: dict[str, dict[str, list[float]]] | None,
+    sizes: Sequence[int],
+) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no charts (pip install matplotlib)")
+        return []
+    written: list[Path] = []
+    style = {"thenable": ("tab:blue", "o"), "torch": ("tab:orange", "s")}
+    if payload is not None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for b in BACKENDS:
+            color, marker = style[b]
+            pts = [(s, v) for s, v in zip(PAYLOAD_SIZES, payload[b]) if not math.isnan(v)]
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] * 1e3 for p in pts],
+                    marker=marker,
+                    color=color,
+                    label="thenable.rpc" if b == "thenable" else "torch.distributed.rpc",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(list(PAYLOAD_SIZES), [_size_label(s) for s in PAYLOAD_SIZES])
+        ax.set_xlabel("payload (uint8 tensor, echoed: sent and returned)")
+        ax.set_ylabel("rpc_sync round trip, median (ms)")
+        ax.set_title("RPC echo latency vs payload (2 processes, loopback)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / "rpc_latency_vs_payload.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if scale is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        for ax, key, title in (
+            (axes[0], "init_s", "init_rpc (max over ranks)"),
+            (axes[1], "a2a_s", "all-to-all round of no-ops (max over ranks)"),
+        ):
+            for b in BACKENDS:
+                color, marker = style[b]
+                pts = [(w, v) for w, v in zip(sizes, scale[b][key]) if not math.isnan(v)]
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] * 1e3 for p in pts],
+                        marker=marker,
+                        color=color,
+                        label="thenable.rpc" if b == "thenable" else "torch.distributed.rpc",
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(list(sizes), [str(s) for s in sizes])
+            ax.set_xlabel("world size (processes)")
+            ax.set_ylabel("ms (median over rounds)")
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = out / "rpc_init_vs_world_size.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def _environment() -> str:
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "not installed"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
+    return (
+        f"Python {platform.python_version()}, torch {torch_version}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds of the main metrics (default 5; quick 2)"
+    )
+    parser.add_argument("--skip-scale", action="store_true", help="no scale/payload section")
+    parser.add_argument(
+        "--scale-rounds", type=int, default=None, help="rounds of the world-size sweep (3)"
+    )
+    parser.add_argument(
+        "--no-torch-scale", action="store_true", help="world-size sweep for thenable only"
+    )
+    parser.add_argument(
+        "--charts",
+        type=Path,
+        default=None,
+        help="where the charts and rpc_benchmark.md go (default: docs/ of the repository; "
+        "with --quick, a temporary directory unless given)",
+    )
+    parser.add_argument(
+        "--torch-tcp-only",
+        action="store_true",
+        help="TensorPipe with its TCP transport and basic channel only (no shm/cma)",
+    )
+    parser.add_argument(
+        "--run-timeout", type=float, default=None, help="seconds a run may take (else an error)"
+    )
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 5
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+
+    if args.charts is not None:
+        out = args.charts
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="bench_rpc_charts_"))
+    else:
+        out = Path(__file__).resolve().parent.parent / "docs"
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_rpc_logs_"))
+
+    env_before = _environment()
+    print(f"bench_rpc: thenable.rpc vs torch.distributed.rpc; {env_before}", flush=True)
+    print(
+        f"{args.rounds} rounds, alternating order; logs of the worker processes in {log_dir}",
+        flush=True,
+    )
+    t_start = perf()
+    col = run_all(args, log_dir)
+    elapsed = perf() - t_start
+    env_after = _environment()
+
+    header, rows, verdicts = main_table(col)
+    sections_md: list[str] = []
+    print()
+    print(_plain(header, rows))
+    sections_md.append(_markdown(header, rows))
+
+    payload_series: dict[str, list[float]] | None = None
+    scale_series: dict[str, dict[str, list[float]]] | None = None
+    sizes = WORLD_SIZES[:2] if args.quick else WORLD_SIZES
+    if not args.skip_scale:
+        p_header, p_rows, payload_series = payload_table(col)
+        print("\nLatency of an rpc_sync echo vs payload (median; GB/s counts both ways):")
+        print(_plain(p_header, p_rows))
+        sections_md.append(
+            "Latency of an `rpc_sync` echo of a uint8 tensor vs its size (median over rounds; "
+            "GB/s counts the bytes both ways):\n\n" + _markdown(p_header, p_rows)
+        )
+        s_header, s_rows, scale_series = scale_table(col, sizes)
+        print("\ninit_rpc and an all-to-all round of no-ops vs world size (max over ranks):")
+        print(_plain(s_header, s_rows))
+        sections_md.append(
+            "`init_rpc` (all ranks released together, max over ranks) and an all-to-all round of "
+            "no-op `rpc_async` calls (median round per rank, max over ranks) vs world size "
+            "(median over rounds):\n\n" + _markdown(s_header, s_rows)
+        )
+
+    ratio_note = (
+        "thenable/torch is the median over rounds of the per-round ratio (both backends in the "
+        "same round); times: below 1 is better for thenable; rates and bandwidth: above 1 is "
+        "better for thenable. Bandwidth counts the tensor's bytes both ways (sent + returned)."
+    )
+    transports = (
+        "TensorPipe restricted to its TCP transport (--torch-tcp-only)"
+        if args.torch_tcp_only
+        else "TensorPipe with its default transports/channels"
+    )
+    print(f"\n{ratio_note}\ntorch: {transports}.")
+    print(f"Total {elapsed:.0f} s. Before: {env_before}\nAfter:  {env_after}")
+    passed = sum(v is True for v in verdicts)
+    targets = sum(v is not None for v in verdicts)
+    print(f"{passed}/{targets} targets met.")
+
+    if col.errors:
+        print(f"\n{len(col.errors)} run(s) failed:")
+        for e in col.errors:
+            print(e)
+            print()
+        print(f"worker logs kept in {log_dir}")
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    charts = write_charts(out, payload_series, scale_series, sizes)
+    md = [
+        "<!-- written by benchmarks/bench_rpc.py -->",
+        f"`python benchmarks/bench_rpc.py{' --quick' if args.quick else ''}` — "
+        f"{args.rounds} rounds, 2 processes on loopback, alternating order; {env_after}; "
+        f"torch: {transports}.",
+        "",
+        sections_md[0],
+        "",
+        ratio_note,
+    ]
+    for extra in sections_md[1:]:
+        md += ["", extra]
+    for chart in charts:
+        md += ["", f"![{chart.stem}]({chart.name})"]
+    if col.errors:
+        md += ["", f"{len(col.errors)} run(s) failed; the first lines of each:", ""]
+        md += [f"- {e.splitlines()[0]} {e.splitlines()[1][:200]}" for e in col.errors]
+    (out / "rpc_benchmark.md").write_text("\n".join(md) + "\n")
+    print(f"\nwrote {out / 'rpc_benchmark.md'}" + "".join(f", {c}" for c in charts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
