@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import enum
 import functools
-import heapq
 import itertools
 import json
 import logging
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +68,30 @@ class WorkerAddress:
     port: int
 
 
-@dataclass
 class _Pending:
-    future: Future[Any]
-    peer_rank: int
-    link: Any  # PeerConnection or _LocalLink the request went out on
-    what: str  # for error messages: "call of module.fn on worker1"
-    counted: bool  # an application call, counted for the shutdown barrier
+    """A call in flight: its Future, where it went, and what to say if it fails."""
+
+    __slots__ = ("counted", "fn", "future", "link", "peer_rank", "timeout")
+
+    def __init__(
+        self,
+        future: Future[Any],
+        peer_rank: int,
+        link: Any,  # the PeerConnection or _LocalLink the request went out on
+        fn: object,
+        counted: bool,  # an application call, counted for the shutdown barrier
+        timeout: float,
+    ) -> None:
+        self.future = future
+        self.peer_rank = peer_rank
+        self.link = link
+        self.fn = fn
+        self.counted = counted
+        self.timeout = timeout
+
+    def describe(self, agent: Agent) -> str:
+        """For error messages: "call of module.fn on worker1"."""
+        return _describe_call(agent, self.fn, self.peer_rank)
 
 
 class Agent:
@@ -113,7 +130,7 @@ class Agent:
         self._local_link = _LocalLink(self)
         self.rrefs = OwnerTable(self)
         self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
-        self._timer = _Timer(f"thenable-rpc-timer-{name}")
+        self._deadlines = _Deadlines(f"thenable-rpc-timer-{name}", self._expire)
         self.listener = Listener(
             listen[0],
             listen[1],
@@ -162,6 +179,10 @@ class Agent:
             ValueError: no such worker.
             TypeError: ``to`` is of another type.
         """
+        if type(to) is str:  # the common case first
+            rank = self._ranks_by_name.get(to)
+            if rank is not None:
+                return rank
         if not self._ready.is_set():
             # A handler may run before init_rpc has learned the table (a peer was faster).
             self._ready.wait(self.options.rpc_timeout or None)
@@ -208,7 +229,6 @@ class Agent:
             raise RuntimeError(
                 "RPC is shut down on this worker; call init_rpc() again to make new calls"
             )
-        what = f"call of {_qualname(fn)} on {self.name_of(to_rank)}"
         with _context.sending(self, to_rank, is_request=True) as record:
             header, buffers = dumps((fn, args, kwargs))
         future: Future[Any] = Future()
@@ -219,20 +239,25 @@ class Agent:
             link = self._link_to(to_rank)
         except (OSError, ConnectionError) as exc:
             record.unsent()
-            error = ConnectionError(f"{what} failed: cannot reach {self.name_of(to_rank)}: {exc}")
+            error = ConnectionError(
+                f"{_describe_call(self, fn, to_rank)} failed: cannot reach "
+                f"{self.name_of(to_rank)}: {exc}"
+            )
             future._complete(None, error)
             return future
         with self._lock:
-            self._pending[request_id] = _Pending(future, to_rank, link, what, counted)
+            self._pending[request_id] = _Pending(future, to_rank, link, fn, counted, timeout)
             if counted:
                 self._issued += 1
         if timeout > 0:
-            self._timer.schedule(timeout, self._expire, request_id, timeout)
+            self._deadlines.add(request_id, timeout)
         try:
             link.send(MessageKind.REQUEST, request_id, header, buffers)
         except ConnectionError as exc:
             record.unsent()
-            self._fail(request_id, ConnectionError(f"{what} failed: {exc}"))
+            self._fail(
+                request_id, ConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}")
+            )
         else:
             record.sent()
         return future
@@ -241,7 +266,7 @@ class Agent:
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
-            error = TimeoutError(f"RPC {pending.what} timed out after {timeout} s")
+            error = TimeoutError(f"RPC {pending.describe(self)} timed out after {timeout} s")
             # Completed on the pool: user callbacks must not stall the timer thread.
             self.pool.submit(pending.future._complete, None, error)
 
@@ -378,7 +403,9 @@ class Agent:
                 f": {error}" if error is not None else " (it closed)"
             )
         for entry in entries:
-            entry.future._complete(None, ConnectionError(f"RPC {entry.what} failed: {reason}"))
+            entry.future._complete(
+                None, ConnectionError(f"RPC {entry.describe(self)} failed: {reason}")
+            )
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -398,6 +425,8 @@ class Agent:
             pending = self._pending.pop(message.request_id, None)
         if pending is None:
             return  # it timed out or was failed already; the late reply is dropped
+        if pending.timeout > 0:
+            self._deadlines.cancel(message.request_id, pending.timeout)
         try:
             with _context.receiving(self, pending.peer_rank):
                 if message.kind is MessageKind.RESPONSE:
@@ -408,7 +437,7 @@ class Agent:
                     exception = loads_exception(message.header, message.buffers)
         except Exception as exc:
             value = None
-            exception = RuntimeError(f"RPC {pending.what}: cannot load the reply: {exc}")
+            exception = RuntimeError(f"RPC {pending.describe(self)}: cannot load the reply: {exc}")
             exception.__cause__ = exc
         pending.future._complete(value, exception)
 
@@ -507,9 +536,12 @@ class Agent:
             conn.close()
         for entry in entries:
             entry.future._complete(
-                None, RuntimeError(f"RPC {entry.what} failed: RPC was shut down on this worker")
+                None,
+                RuntimeError(
+                    f"RPC {entry.describe(self)} failed: RPC was shut down on this worker"
+                ),
             )
-        self._timer.close()
+        self._deadlines.close()
         self.rrefs.close()
         self.pool.shutdown(wait=False)
 
@@ -538,56 +570,82 @@ class _LocalLink:
         self._agent._on_message(self, message)
 
 
-class _Timer:
-    """One thread that runs callbacks at deadlines (for RPC timeouts)."""
+class _Deadlines:
+    """Fails pending calls at their deadlines, from one thread; adding and cancelling are O(1).
 
-    def __init__(self, name: str) -> None:
-        self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
-        self._seq = itertools.count()
+    Calls made with the same timeout expire in the order they were made, so each distinct
+    timeout keeps an insertion-ordered map (request id -> deadline) and the thread sleeps until
+    the earliest head.  A reply cancels its entry, so memory follows the calls in flight.
+    """
+
+    def __init__(self, name: str, expire: Callable[[int, float], None]) -> None:
+        self._queues: dict[float, OrderedDict[int, float]] = {}
+        self._expire = expire
         self._condition = threading.Condition(threading.Lock())
         self._closed = False
         self._name = name
         self._thread: threading.Thread | None = None
 
-    def schedule(self, delay: float, callback: Callable[..., None], *args: Any) -> None:
-        entry = (time.monotonic() + delay, next(self._seq), callback, args)
+    def add(self, request_id: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         with self._condition:
             if self._closed:
                 return
-            heapq.heappush(self._heap, entry)
-            if self._heap[0] is entry:
+            queue = self._queues.get(timeout)
+            if queue is None:
+                queue = self._queues[timeout] = OrderedDict()
+            if not queue:  # a new head: the thread may have to wake earlier
                 self._condition.notify()
+            queue[request_id] = deadline
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
 
+    def cancel(self, request_id: int, timeout: float) -> None:
+        with self._condition:
+            queue = self._queues.get(timeout)
+            if queue is not None:
+                queue.pop(request_id, None)
+
     def close(self) -> None:
         with self._condition:
             self._closed = True
-            self._heap.clear()
+            self._queues.clear()
             self._condition.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
+    def _due(self) -> tuple[list[tuple[int, float]], float | None]:
+        """Pop the expired entries; also return the next deadline (under the lock)."""
+        now = time.monotonic()
+        due: list[tuple[int, float]] = []
+        earliest: float | None = None
+        for timeout, queue in self._queues.items():
+            while queue:
+                request_id, deadline = next(iter(queue.items()))
+                if deadline > now:
+                    earliest = deadline if earliest is None else min(earliest, deadline)
+                    break
+                queue.popitem(last=False)
+                due.append((request_id, timeout))
+        return due, earliest
+
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._closed:
-                    if not self._heap:
-                        self._condition.wait()
-                        continue
-                    delay = self._heap[0][0] - time.monotonic()
-                    if delay <= 0:
+                while True:
+                    if self._closed:
+                        return
+                    due, earliest = self._due()
+                    if due:
                         break
-                    self._condition.wait(delay)
-                if self._closed:
-                    return
-                _, _, callback, args = heapq.heappop(self._heap)
-            try:
-                callback(*args)
-            except Exception:
-                _LOGGER.exception("timer callback %r failed", callback)
+                    self._condition.wait(None if earliest is None else earliest - time.monotonic())
+            for request_id, timeout in due:
+                try:
+                    self._expire(request_id, timeout)
+                except Exception:
+                    _LOGGER.exception("failing RPC request %d at its timeout failed", request_id)
 
 
 def _keep_until_done(holds: list[Any], _: Future[Any]) -> None:
@@ -608,6 +666,10 @@ def _parse_identity(identity: bytes) -> tuple[str, int]:
     if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
         raise ValueError(f"peer sent an invalid identity {identity[:80]!r}")
     return name, rank
+
+
+def _describe_call(agent: Agent, fn: object, rank: int) -> str:
+    return f"call of {_qualname(fn)} on {agent.name_of(rank)}"
 
 
 def _qualname(fn: object) -> str:

@@ -7,9 +7,8 @@ new reference with its owner (see ``_rref``).
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,34 +75,44 @@ class _Local(threading.local):
 _LOCAL = _Local()
 
 
-@contextlib.contextmanager
-def sending(agent: Agent, destination: int, *, is_request: bool) -> Iterator[ForkRecord]:
+class sending:  # lower case: used like a function, `with sending(...) as record:`
     """Pickling a message for ``destination``; RRefs pickled now note their forks in the record.
 
     If pickling fails the record is undone here; otherwise the caller calls ``sent()`` or
-    ``unsent()`` once it knows whether the message left.
+    ``unsent()`` once it knows whether the message left.  (A class rather than a generator
+    context manager: this runs for every message.)
     """
-    saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.forks)
-    record = ForkRecord(is_request)
-    _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = agent, destination, record
-    try:
-        yield record
-    except BaseException:
-        record.unsent()
-        raise
-    finally:
-        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = saved
+
+    __slots__ = ("_saved", "record")
+
+    def __init__(self, agent: Agent, destination: int, *, is_request: bool) -> None:
+        self._saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.forks)
+        self.record = ForkRecord(is_request)
+        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = agent, destination, self.record
+
+    def __enter__(self) -> ForkRecord:
+        return self.record
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = self._saved
+        if kind is not None:
+            self.record.unsent()
 
 
-@contextlib.contextmanager
-def receiving(agent: Agent, source: int) -> Iterator[None]:
+class receiving:  # lower case: used like a function
     """Unpickling a message from ``source``."""
-    saved = (_LOCAL.agent, _LOCAL.source)
-    _LOCAL.agent, _LOCAL.source = agent, source
-    try:
-        yield
-    finally:
-        _LOCAL.agent, _LOCAL.source = saved
+
+    __slots__ = ("_saved",)
+
+    def __init__(self, agent: Agent, source: int) -> None:
+        self._saved = (_LOCAL.agent, _LOCAL.source)
+        _LOCAL.agent, _LOCAL.source = agent, source
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        _LOCAL.agent, _LOCAL.source = self._saved
 
 
 def sending_to() -> tuple[Agent, int, ForkRecord] | None:

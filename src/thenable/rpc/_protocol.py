@@ -173,6 +173,8 @@ class MessageKind(enum.IntEnum):
 
 
 _MESSAGE_KINDS: Final = frozenset(kind.value for kind in MessageKind)
+_KINDS_BY_VALUE: Final = {kind.value: kind for kind in MessageKind}
+_INLINE_HEADER_BYTES: Final = 4096  # headers up to this size are copied next to the prefix
 
 
 class ConnectionState(enum.Enum):
@@ -426,6 +428,20 @@ class Connection:
                 f"cannot send a message while the connection is {self._state.name}; "
                 "wait for HandshakeComplete"
             )
+        if (
+            not buffers
+            and type(header) is bytes
+            and len(header) <= _INLINE_HEADER_BYTES
+            and type(kind) is MessageKind
+        ):
+            # Fast path for the common small message: one bytes object, no buffers.
+            total = _FRAME.size + len(header)
+            if total <= self._peer_max_frame_bytes and 0 <= request_id <= _MAX_U64:
+                if not 0 <= flags <= _MAX_U32:
+                    raise ValueError(f"flags must fit in 32 bits unsigned, got {flags}")
+                return [
+                    _FRAME.pack(_FRAME_MAGIC, kind, 0, flags, request_id, len(header), 0) + header
+                ]
         try:
             kind = MessageKind(kind)
         except ValueError:
@@ -456,7 +472,7 @@ class Connection:
             _FRAME_MAGIC, kind, 0, flags, request_id, header_view.nbytes, len(views)
         ) + struct.pack(f"!{len(lengths)}Q", *lengths)
         parts: list[bytes | memoryview] = []
-        if header_view.nbytes <= 4096:  # small headers ride along with the prefix
+        if header_view.nbytes <= _INLINE_HEADER_BYTES:  # small headers ride with the prefix
             parts.append(prefix + header_view.tobytes())
         else:
             parts.extend((prefix, header_view))
@@ -585,6 +601,10 @@ class Connection:
 
     def _parse(self) -> Event | None:
         """Advance the receive state machine until an event or a need for data."""
+        if self._rx is _Rx.FRAME_HEADER and self._state is ConnectionState.OPEN:
+            small = self._parse_small_frame()
+            if small is not None:
+                return small
         while True:
             if self._rx is _Rx.HELLO:
                 event = self._parse_hello()
@@ -687,6 +707,37 @@ class Connection:
         assert self._my_hello is not None
         self._queue_frame(_AUTH_KIND, _mac(self._key, self._my_hello, hello))
         return None
+
+    def _parse_small_frame(self) -> Message | None:
+        """Fast path: a whole buffer-less frame already received, taken in one step.
+
+        Most RPC messages are small calls and replies; this skips the general payload
+        machinery.  Anything unusual (or incomplete) is left to the general path, which
+        validates it in full.
+        """
+        pos = self._pos
+        buf = self._buf
+        if len(buf) - pos < _FRAME.size:
+            return None
+        magic, kind, reserved, flags, request_id, header_len, nbuffers = _FRAME.unpack_from(
+            buf, pos
+        )
+        start = pos + _FRAME.size
+        end = start + header_len
+        if (
+            nbuffers
+            or magic != _FRAME_MAGIC
+            or reserved
+            or end > len(buf)
+            or _FRAME.size + header_len > self._max_frame_bytes
+        ):
+            return None
+        message_kind = _KINDS_BY_VALUE.get(kind)
+        if message_kind is None:
+            return None
+        header = memoryview(buf[start:end])  # a copy: the message owns its bytes
+        self._consume(end - pos)
+        return Message(message_kind, request_id, flags, header, [])
 
     def _parse_frame_header(self) -> None:
         """Validate a frame's fixed header before anything is allocated for it."""
