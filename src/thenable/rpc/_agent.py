@@ -585,6 +585,8 @@ class _Deadlines:
         self._closed = False
         self._name = name
         self._thread: threading.Thread | None = None
+        # When the thread will next wake up by itself (None: only when notified).
+        self._wake_at: float | None = None
 
     def add(self, request_id: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -594,9 +596,10 @@ class _Deadlines:
             queue = self._queues.get(timeout)
             if queue is None:
                 queue = self._queues[timeout] = OrderedDict()
-            if not queue:  # a new head: the thread may have to wake earlier
-                self._condition.notify()
             queue[request_id] = deadline
+            if self._wake_at is None or deadline < self._wake_at:
+                self._wake_at = deadline
+                self._condition.notify()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -640,6 +643,7 @@ class _Deadlines:
                     due, earliest = self._due()
                     if due:
                         break
+                    self._wake_at = earliest
                     self._condition.wait(None if earliest is None else earliest - time.monotonic())
             for request_id, timeout in due:
                 try:
