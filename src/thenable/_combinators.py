@@ -65,9 +65,9 @@ class _AllOrFirstError:
 
     def on_done(self, future: Future[Any]) -> None:
         if future._exception is not None:
-            self.target._try_complete(None, future._exception, future._traceback)
+            self.target._complete(None, future._exception, future._traceback, strict=False)
         elif next(self.done) == self.last:
-            self.target._try_complete([f._result for f in self.futures], None)
+            self.target._complete([f._result for f in self.futures], None, strict=False)
 
 
 def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
@@ -106,7 +106,7 @@ class _FirstDone:
         self.target = target
 
     def on_done(self, future: Future[Any]) -> None:
-        self.target._try_complete(future, None)
+        self.target._complete(future, None, strict=False)
 
 
 def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:

@@ -200,10 +200,17 @@ class Future(Generic[T]):
         result: Any,
         exception: BaseException | None,
         traceback: TracebackType | None = None,
-    ) -> None:
-        """Move to FINISHED once; wake waiters; run callbacks outside the lock."""
+        strict: bool = True,
+    ) -> bool:
+        """Move to FINISHED once; wake waiters; run callbacks outside the lock.
+
+        Returns whether this call completed the Future; if it was done already, raises
+        RuntimeError when ``strict``, else returns False.
+        """
         with self._lock:
             if self._state is not _PENDING:
+                if not strict:
+                    return False
                 raise RuntimeError(
                     f"this Future can only be marked completed once; it is already {self!r}"
                 )
@@ -222,20 +229,6 @@ class Future(Generic[T]):
         if callbacks is not None:
             _run_callbacks(self, callbacks)
             callbacks = None  # see _invoke: frames kept by a traceback must not hold a child
-
-    def _try_complete(
-        self,
-        result: Any,
-        exception: BaseException | None,
-        traceback: TracebackType | None = None,
-    ) -> bool:
-        """Complete unless already done; return whether this call completed it."""
-        try:
-            self._complete(result, exception, traceback)
-        except RuntimeError:
-            if self._state is _FINISHED:
-                return False
-            raise
         return True
 
     # -- reading ------------------------------------------------------------------------------
@@ -370,26 +363,6 @@ class Future(Generic[T]):
         self._register(child)  # the child itself is the entry: see _invoke
         return child
 
-    def _run_then(self, parent: Future[Any]) -> None:
-        """The callback then() registers on the parent: complete self with then_fn(parent)."""
-        fn = self._then_fn
-        self._then_fn = None
-        try:
-            result = fn(parent)  # type: ignore[misc]
-        except BaseException as exc:
-            # A failure merely re-raised from the parent keeps the parent's traceback, so a
-            # failure flowing down a long chain does not grow one frame pair per link.
-            if exc is parent._exception:
-                traceback = parent._traceback
-                exc.with_traceback(traceback)  # drop the re-raise's frames: they hold parent
-            else:
-                traceback = exc.__traceback__
-            self._complete(None, exc, traceback)
-            # Break the cycle exception -> traceback -> this frame -> self -> exception.
-            self = parent = traceback = None  # type: ignore[assignment]
-            return
-        self._complete(result, None)
-
 
 # A callback entry: a callable, or a Future made by then(), which completes itself from its
 # parent (a Future entry saves allocating a bound method per link of a then() chain).
@@ -404,7 +377,10 @@ def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> Non
         trampoline.deferred.append((future, callbacks))
         return
     trampoline.depth = depth + 1
-    _invoke(future, callbacks)
+    if type(callbacks) is list:
+        _invoke(future, callbacks)
+    else:
+        _invoke_one(future, callbacks)  # type: ignore[arg-type]
     trampoline.depth = depth
     callbacks = None  # type: ignore[assignment]  # see _invoke
     if not depth and trampoline.deferred:
@@ -440,14 +416,37 @@ def _invoke(future: Future[Any], callbacks: _Entry | list[_Entry]) -> None:
 
 
 def _invoke_one(future: Future[Any], entry: _Entry) -> None:
-    try:
-        if type(entry) is Future:
-            entry._run_then(future)
-        else:
+    """Call one entry: a callback (its errors are logged), or complete a then() child.
+
+    The then() case is written out here rather than in a method: this is the hot path of
+    every chain link, and each Python call level costs.
+    """
+    if type(entry) is not Future:
+        try:
             entry(future)  # type: ignore[operator]
-    except BaseException:
-        _log_callback_error(entry, future)
-    entry = None  # type: ignore[assignment]  # see _invoke
+        except BaseException:
+            _log_callback_error(entry, future)
+        entry = None  # type: ignore[assignment]  # see _invoke
+        return
+    fn = entry._then_fn
+    entry._then_fn = None
+    try:
+        result = fn(future)  # type: ignore[misc]
+    except BaseException as exc:
+        # A failure merely re-raised from the parent keeps the parent's traceback, so a
+        # failure flowing down a long chain does not grow one frame pair per link.
+        if exc is future._exception:
+            traceback = future._traceback
+            exc.with_traceback(traceback)  # drop the re-raise's frames: they hold future
+        else:
+            traceback = exc.__traceback__
+        # Not strict: the user may have completed the child by hand; its value stands then.
+        entry._complete(None, exc, traceback, False)
+        # Break the cycle exception -> traceback -> this frame -> child -> exception.
+        entry = future = traceback = None  # type: ignore[assignment]
+        return
+    entry._complete(result, None, None, False)
+    entry = None  # type: ignore[assignment]
 
 
 def _log_callback_error(callback: object, future: Future[Any]) -> None:

@@ -154,7 +154,7 @@ class Coordinator:
                 f"{self._agent.options.rpc_timeout} s (rank 0 at "
                 f"{self._agent.listener.address[0]}:{self._agent.listener.address[1]})"
             )
-            self._table._try_complete(None, error)
+            self._table._complete(None, error, strict=False)
             raise error from None
 
     def arrive(self, round_number: int, rank: int, quiet: bool) -> Future[bool]:
@@ -199,7 +199,7 @@ def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
         "rank 0 (died?); the workers were stopped without waiting for them"
     )
     for answer in answers.values():
-        answer._try_complete(None, error)
+        answer._complete(None, error, strict=False)
 
 
 def _copy(source: Future[Any], target: Future[Any]) -> None:
