@@ -230,7 +230,7 @@ def _child_main(cfg: RunConfig, rank: int, barrier: Any, q: Any, log_path: str) 
     os.dup2(log.fileno(), 1)  # C++ logging and Python warnings go to the run's log file
     os.dup2(log.fileno(), 2)
     # A hang dumps every thread's stack into the log and exits, before the parent's kill.
-    faulthandler.dump_traceback_later(max(5.0, cfg.timeout_s - 10.0), exit=True)
+    faulthandler.dump_traceback_later(cfg.timeout_s - min(10.0, 0.2 * cfg.timeout_s), exit=True)
     rep = _Reporter(q, rank)
     try:
         if cfg.backend == "torch":
@@ -248,6 +248,7 @@ def _child_main(cfg: RunConfig, rank: int, barrier: Any, q: Any, log_path: str) 
             f"w{rank}", rank=rank, world_size=cfg.world_size, rpc_backend_options=_options(rpc, cfg)
         )
         rep.value("init_s", perf() - t0)
+        rep.value("ready_at", time.time())  # the parent subtracts the group's start time
         if cfg.mode == "pair" and rank == 0:
             _measure_pair(rpc, wait_all, cfg, rep)
         elif cfg.mode == "scale":
@@ -368,7 +369,7 @@ def _measure_pair(
     rep.value("remote_s", _per_op(remote_to_here, it.remote_n, it.remote_samples))
 
     if cfg.payload_sweep:
-        for size, calls in zip(PAYLOAD_SIZES, it.payload_calls):
+        for size, calls in zip(PAYLOAD_SIZES, it.payload_calls, strict=True):
             rep.enter(f"payload sweep, uint8 tensor of {size} bytes")
             payload = torch.randint(0, 256, (size,), dtype=torch.uint8)
             if not torch.equal(rpc.rpc_sync(dst, identity, args=(payload,)), payload):
@@ -412,7 +413,7 @@ def _free_port() -> int:
         return port
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def _tail(path: Path, lines: int = 60) -> str:
     try:
         text = path.read_text(errors="replace").rstrip().splitlines()
     except OSError:
@@ -440,6 +441,7 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
     finished: set[int] = set()
     t0 = perf()
     deadline = t0 + cfg.timeout_s
+    start_wall = time.time()
     for p in procs:
         p.start()
     dead_since: float | None = None
@@ -451,7 +453,7 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
             if now > deadline:
                 stuck = {r: phases[r] for r in range(cfg.world_size) if r not in finished}
                 result.errors.append(
-                    f"timed out after {cfg.timeout_s:.0f} s; unfinished ranks and their phase: "
+                    f"timed out after {perf() - t0:.0f} s; unfinished ranks and their phase: "
                     f"{stuck}"
                 )
                 break
@@ -474,25 +476,39 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
         elif kind == "error":
             result.errors.append(payload)
             finished.add(rank)
+            # The others may now wait for the failed rank (in shutdown): give them a little
+            # while to notice, not the whole time limit.
+            deadline = min(deadline, perf() + 20.0)
         elif kind == "done":
             finished.add(rank)
     result.wall_s = perf() - t0
-    _reap(procs)
+    timed_out = len(finished) < cfg.world_size
+    for values in result.values.values():
+        if "ready_at" in values:
+            values["start_to_ready_s"] = values.pop("ready_at") - start_wall
+    _reap(procs, grace_s=1.0 if timed_out else 15.0)
     for r, p in enumerate(procs):
         if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
             result.errors.append(f"rank {r} exit code {p.exitcode}")
     if result.errors:
         for r, path in enumerate(logs):
-            result.errors.append(f"--- log of rank {r} ({path}), last lines:\n{_tail(path)}")
+            tail = _tail(path)
+            if "Timeout (" in tail:  # faulthandler's header: the process hung, stacks follow
+                result.errors.insert(
+                    0,
+                    f"rank {r} ran past its time limit (hung or too slow): faulthandler "
+                    "dumped its stacks",
+                )
+            result.errors.append(f"--- log of rank {r} ({path}), last lines:\n{tail}")
     with contextlib.suppress(Exception):
         q.close()
         q.cancel_join_thread()
     return result
 
 
-def _reap(procs: Sequence[Any]) -> None:
+def _reap(procs: Sequence[Any], grace_s: float) -> None:
     """Join, then terminate, then kill: nothing outlives its run."""
-    end = perf() + 15.0
+    end = perf() + grace_s
     for p in procs:
         p.join(timeout=max(0.1, end - perf()))
     for p in procs:
@@ -593,7 +609,9 @@ class Metric:
 
 METRICS = (
     Metric("sync_noop_s", "rpc_sync round trip, no-op, small args", "time", "us", 0.5),
-    Metric("pipe_calls_per_s", "pipelined rpc_async no-ops, 20,000 in flight", "rate", "calls/s", 3),
+    Metric(
+        "pipe_calls_per_s", "pipelined rpc_async no-ops, 20,000 in flight", "rate", "calls/s", 3
+    ),
     Metric("echo1_gbps", "echo of a 1 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
     Metric("echo100_gbps", "echo of a 100 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
     Metric("remote_s", "remote(torch.add, (ones(2), 3)).to_here()", "time", "us", 0.5),
@@ -639,7 +657,11 @@ def _ratio_cells(
     t_vals: Sequence[float | None], p_vals: Sequence[float | None]
 ) -> tuple[float | None, str]:
     """Median of the per-round ratios thenable/torch (same round), and its range as text."""
-    ratios = [t / p for t, p in zip(t_vals, p_vals) if t is not None and p is not None and p > 0]
+    ratios = [
+        t / p
+        for t, p in zip(t_vals, p_vals, strict=False)
+        if t is not None and p is not None and p > 0
+    ]
     if not ratios:
         return None, "-"
     med = statistics.median(ratios)
@@ -709,7 +731,14 @@ def _size_label(size: int) -> str:
 
 
 def payload_table(col: Collected) -> tuple[list[str], list[list[str]], dict[str, list[float]]]:
-    header = ["payload (uint8)", "thenable", "torch", "thenable/torch", "thenable GB/s", "torch GB/s"]
+    header = [
+        "payload (uint8)",
+        "thenable",
+        "torch",
+        "thenable/torch",
+        "thenable GB/s",
+        "torch GB/s",
+    ]
     rows: list[list[str]] = []
     series: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for size in PAYLOAD_SIZES:
@@ -741,6 +770,9 @@ def payload_table(col: Collected) -> tuple[list[str], list[list[str]], dict[str,
     return header, rows, series
 
 
+SCALE_KEYS = ("init_s", "start_to_ready_s", "a2a_s")
+
+
 def scale_table(
     col: Collected, sizes: Sequence[int]
 ) -> tuple[list[str], list[list[str]], dict[str, dict[str, list[float]]]]:
@@ -748,18 +780,19 @@ def scale_table(
         "world size",
         "init_rpc thenable",
         "init_rpc torch",
-        "ratio",
+        "thenable/torch",
+        "spawn->ready thenable",
+        "spawn->ready torch",
+        "thenable/torch",
         "all-to-all thenable",
         "all-to-all torch",
-        "ratio",
+        "thenable/torch",
     ]
     rows: list[list[str]] = []
-    series: dict[str, dict[str, list[float]]] = {
-        b: {"init_s": [], "a2a_s": []} for b in BACKENDS
-    }
+    series: dict[str, dict[str, list[float]]] = {b: {k: [] for k in SCALE_KEYS} for b in BACKENDS}
     for ws in sizes:
         cells = [str(ws)]
-        for key in ("init_s", "a2a_s"):
+        for key in SCALE_KEYS:
             per_b = {
                 b: [r.max_over_ranks(key) for r in col.scale.get((b, ws), [])] for b in BACKENDS
             }
@@ -786,9 +819,9 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _plain(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
 
 
@@ -806,16 +839,22 @@ def write_charts(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("note: matplotlib is not installed; no charts (pip install matplotlib)")
         return []
     written: list[Path] = []
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    # Minor ticks of a log axis: label only 2x and 5x a power of ten, to stay readable.
+    sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if v > 0 and f"{v:e}"[0] in "25" else "")
     style = {"thenable": ("tab:blue", "o"), "torch": ("tab:orange", "s")}
     if payload is not None:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for b in BACKENDS:
             color, marker = style[b]
-            pts = [(s, v) for s, v in zip(PAYLOAD_SIZES, payload[b]) if not math.isnan(v)]
+            pts = [
+                (s, v) for s, v in zip(PAYLOAD_SIZES, payload[b], strict=True) if not math.isnan(v)
+            ]
             if pts:
                 ax.plot(
                     [p[0] for p in pts],
@@ -827,6 +866,8 @@ def write_charts(
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(list(PAYLOAD_SIZES), [_size_label(s) for s in PAYLOAD_SIZES])
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
         ax.set_xlabel("payload (uint8 tensor, echoed: sent and returned)")
         ax.set_ylabel("rpc_sync round trip, median (ms)")
         ax.set_title("RPC echo latency vs payload (2 processes, loopback)")
@@ -838,14 +879,17 @@ def write_charts(
         plt.close(fig)
         written.append(path)
     if scale is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
         for ax, key, title in (
-            (axes[0], "init_s", "init_rpc (max over ranks)"),
-            (axes[1], "a2a_s", "all-to-all round of no-ops (max over ranks)"),
+            (axes[0], "init_s", "init_rpc (ranks released together)"),
+            (axes[1], "start_to_ready_s", "spawn -> all ranks initialized"),
+            (axes[2], "a2a_s", "all-to-all round of no-op rpc_async"),
         ):
             for b in BACKENDS:
                 color, marker = style[b]
-                pts = [(w, v) for w, v in zip(sizes, scale[b][key]) if not math.isnan(v)]
+                pts = [
+                    (w, v) for w, v in zip(sizes, scale[b][key], strict=True) if not math.isnan(v)
+                ]
                 if pts:
                     ax.plot(
                         [p[0] for p in pts],
@@ -857,8 +901,10 @@ def write_charts(
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(list(sizes), [str(s) for s in sizes])
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(sparse)
             ax.set_xlabel("world size (processes)")
-            ax.set_ylabel("ms (median over rounds)")
+            ax.set_ylabel("ms, max over ranks (median over rounds)")
             ax.set_title(title)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
@@ -877,7 +923,7 @@ def _environment() -> str:
     try:
         import torch
 
-        torch_version = torch.__version__
+        torch_version = str(torch.__version__)
     except ImportError:
         torch_version = "not installed"
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
@@ -958,12 +1004,18 @@ def main(argv: list[str] | None = None) -> int:
             "GB/s counts the bytes both ways):\n\n" + _markdown(p_header, p_rows)
         )
         s_header, s_rows, scale_series = scale_table(col, sizes)
-        print("\ninit_rpc and an all-to-all round of no-ops vs world size (max over ranks):")
+        print(
+            "\ninit_rpc, spawn->ready and an all-to-all round of no-ops vs world size "
+            "(max over ranks; spawn->ready includes start-up and imports):"
+        )
         print(_plain(s_header, s_rows))
         sections_md.append(
-            "`init_rpc` (all ranks released together, max over ranks) and an all-to-all round of "
-            "no-op `rpc_async` calls (median round per rank, max over ranks) vs world size "
-            "(median over rounds):\n\n" + _markdown(s_header, s_rows)
+            "`init_rpc` (all ranks released together by a barrier, max over ranks), spawn->ready "
+            "(from starting the processes to the last rank returned from `init_rpc`: includes "
+            "Python start-up and imports; the torch workers import torch, the thenable workers "
+            "do not) and an all-to-all round of no-op `rpc_async` calls (median round per rank, "
+            "max over ranks) vs world size (median over rounds; below 1 is better for "
+            "thenable):\n\n" + _markdown(s_header, s_rows)
         )
 
     ratio_note = (
@@ -1009,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", f"![{chart.stem}]({chart.name})"]
     if col.errors:
         md += ["", f"{len(col.errors)} run(s) failed; the first lines of each:", ""]
-        md += [f"- {e.splitlines()[0]} {e.splitlines()[1][:200]}" for e in col.errors]
+        md += ["- " + " ".join(e.splitlines()[:2])[:300] for e in col.errors]
     (out / "rpc_benchmark.md").write_text("\n".join(md) + "\n")
     print(f"\nwrote {out / 'rpc_benchmark.md'}" + "".join(f", {c}" for c in charts))
     return 0
