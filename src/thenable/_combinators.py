@@ -48,7 +48,7 @@ def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]:
         return combined
     on_done = _Countdown(items, combined).on_done
     for future in items:
-        future.add_done_callback(on_done)
+        future._register(on_done)
     return combined
 
 
@@ -91,7 +91,7 @@ def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list
     combined: Future[list[T]] = Future()
     on_done = _AllOrFirstError(items, combined).on_done
     for future in items:
-        future.add_done_callback(on_done)
+        future._register(on_done)
         if combined.done():
             break  # failed early: the rest need not be watched
     return combined.wait(timeout)
@@ -125,7 +125,7 @@ def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:
     first: Future[Future[T]] = Future()
     on_done = _FirstDone(first).on_done
     for future in items:
-        future.add_done_callback(on_done)
+        future._register(on_done)
         if first.done():
             break
     return first

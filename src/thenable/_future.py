@@ -106,8 +106,8 @@ class Future(Generic[T]):
         "_waiters",
     )
 
-    # Invariant: _state is PENDING until the one completion; after it, _callbacks and _waiters are
-    # None and exactly one of (_result, _exception) is meaningful.
+    # Invariant: _state is PENDING until the one completion, which sets _result, _exception and
+    # _traceback (unset before); after it, _callbacks and _waiters are None.
     _state: FutureState
     _result: Any
     _exception: BaseException | None
@@ -127,9 +127,8 @@ class Future(Generic[T]):
     def __init__(self, *, devices: DeviceSpec = None) -> None:
         self._lock = threading.Lock()
         self._state = _PENDING
-        self._result = None
-        self._exception = None
-        self._traceback = None
+        # _result, _exception and _traceback stay unset until completion sets all three:
+        # nothing reads them before, and every Future made saves the stores.
         self._callbacks = None
         self._waiters = None
         self._run_inline = None
