@@ -267,8 +267,11 @@ class Agent:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
             error = TimeoutError(f"RPC {pending.describe(self)} timed out after {timeout} s")
-            # Completed on the pool: user callbacks must not stall the timer thread.
-            self.pool.submit(pending.future._complete, None, error)
+            # Completed on the pool: user callbacks must not stall the timer thread (unless
+            # the pool is shut down: then here, so that the call still ends).
+            done = self.pool.submit(pending.future._complete, None, error)
+            if done.done() and done._exception is not None:  # refused: the pool is shut down
+                pending.future._complete(None, error, strict=False)
 
     def _fail(self, request_id: int, error: BaseException) -> None:
         with self._lock:
@@ -295,10 +298,10 @@ class Agent:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 try:
                     future.wait(left)
-                except TimeoutError:
-                    raise
                 except BaseException:
-                    pass  # its failure belongs to its caller; we only wait for it to end
+                    if not future.done():
+                        raise  # our deadline passed
+                    # else the call failed: that belongs to its caller; we only wait for its end
 
     # -- connections --------------------------------------------------------------------------
 
