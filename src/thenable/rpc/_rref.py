@@ -283,8 +283,10 @@ class RRef(Generic[T]):
     def confirmed_by_owner(self) -> bool:
         """Whether the owner is known to hold this RRef's value.
 
-        True on the owner, for RRefs received from the owner, and for ``remote()`` results once
-        the creation call has been answered.
+        False only for a ``remote()`` result whose creation call is still unanswered.  An RRef
+        received from another worker counts as confirmed at once (unlike torch, which waits for
+        the owner's acknowledgement): its sender keeps the value alive until the owner has
+        registered the new reference, so it is safe to use either way.
         """
         created = self._created
         return created is None or created.done()
