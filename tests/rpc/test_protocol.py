@@ -650,3 +650,27 @@ def test_fuzz_random_frames_after_handshake(
     )
     chunks = [wire[i : i + chunk_size] for i in range(0, len(wire), chunk_size)]
     _feed_all_expecting_only_protocol_errors(a, chunks)
+
+
+def test_many_small_messages_with_buffers_in_one_chunk() -> None:
+    """Small frames with buffers, all received at once, take the one-step path: same result."""
+    a, b = _open_pair()
+    sent = [(i, b"h" * (i % 7), [bytes([i % 256]) * (i % 5), b"xy" * i]) for i in range(50)]
+    wire = b"".join(
+        _join(a.send_message(MessageKind.RESPONSE, i, header, buffers))
+        for i, header, buffers in sent
+    )
+    _feed(b, wire)
+    events = _drain(b)
+    assert len(events) == len(sent)
+    for event, (i, header, buffers) in zip(events, sent, strict=True):
+        assert isinstance(event, Message)
+        assert (event.kind, event.request_id, bytes(event.header)) == (
+            MessageKind.RESPONSE,
+            i,
+            header,
+        )
+        assert [bytes(x) for x in event.buffers] == buffers
+        for view in event.buffers:
+            if view.nbytes:
+                assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % 64 == 0

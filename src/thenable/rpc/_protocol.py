@@ -175,6 +175,8 @@ class MessageKind(enum.IntEnum):
 _MESSAGE_KINDS: Final = frozenset(kind.value for kind in MessageKind)
 _KINDS_BY_VALUE: Final = {kind.value: kind for kind in MessageKind}
 _INLINE_HEADER_BYTES: Final = 4096  # headers up to this size are copied next to the prefix
+_SMALL_FRAME_BYTES: Final = 1 << 16  # whole frames up to this size may take the fast path
+_SMALL_FRAME_BUFFERS: Final = 64  # ... if they carry at most this many buffers
 
 
 class ConnectionState(enum.Enum):
@@ -250,6 +252,27 @@ def _allocate(nbytes: int) -> bytearray | mmap.mmap:
 def _address(buffer: bytearray | mmap.mmap) -> int:
     """The address of a (non-empty, writable) buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _lay_out(
+    header_len: int, lengths: tuple[int, ...]
+) -> tuple[bytearray | mmap.mmap, list[tuple[int, int]]]:
+    """Allocate a payload and place its parts: (payload, [(offset, length) per part]).
+
+    The header goes first; each buffer starts at a multiple of _ALIGN bytes in memory, so
+    arrays and tensors built on it are aligned (the wire carries no padding).
+    """
+    if not lengths:
+        return (_allocate(header_len) if header_len else bytearray()), [(0, header_len)]
+    relative = [(0, header_len)]
+    end = header_len
+    for length in lengths:
+        start = _align_up(end)
+        relative.append((start, length))
+        end = start + length
+    payload = _allocate(end + _ALIGN)
+    origin = -_address(payload) % _ALIGN
+    return payload, [(origin + start, length) for start, length in relative]
 
 
 def _align_up(offset: int) -> int:
@@ -709,11 +732,11 @@ class Connection:
         return None
 
     def _parse_small_frame(self) -> Message | None:
-        """Fast path: a whole buffer-less frame already received, taken in one step.
+        """Fast path: a whole small frame already received, taken in one step.
 
-        Most RPC messages are small calls and replies; this skips the general payload
-        machinery.  Anything unusual (or incomplete) is left to the general path, which
-        validates it in full.
+        Most RPC messages are small calls and replies (with a few small arrays or tensors at
+        most); this skips the general payload machinery.  Anything unusual, large or incomplete
+        is left to the general path, which validates it in full.
         """
         pos = self._pos
         buf = self._buf
@@ -722,22 +745,35 @@ class Connection:
         magic, kind, reserved, flags, request_id, header_len, nbuffers = _FRAME.unpack_from(
             buf, pos
         )
-        start = pos + _FRAME.size
-        end = start + header_len
-        if (
-            nbuffers
-            or magic != _FRAME_MAGIC
-            or reserved
-            or end > len(buf)
-            or _FRAME.size + header_len > self._max_frame_bytes
-        ):
+        if magic != _FRAME_MAGIC or reserved or nbuffers > _SMALL_FRAME_BUFFERS:
             return None
         message_kind = _KINDS_BY_VALUE.get(kind)
         if message_kind is None:
             return None
-        header = memoryview(buf[start:end])  # a copy: the message owns its bytes
+        start = pos + _FRAME.size + 8 * nbuffers
+        if start > len(buf):
+            return None
+        if not nbuffers:
+            end = start + header_len
+            if end > len(buf) or end - pos > self._max_frame_bytes:
+                return None
+            header = memoryview(buf[start:end])  # a copy: the message owns its bytes
+            self._consume(end - pos)  # (may clear buf: copy first)
+            return Message(message_kind, request_id, flags, header, [])
+        lengths = struct.unpack_from(f"!{nbuffers}Q", buf, pos + _FRAME.size)
+        end = start + header_len + sum(lengths)
+        if end > len(buf) or end - pos > min(self._max_frame_bytes, _SMALL_FRAME_BYTES):
+            return None
+        payload, segments = _lay_out(header_len, lengths)
+        view = memoryview(payload)
+        source = start
+        parts = []
+        for offset, length in segments:
+            view[offset : offset + length] = buf[source : source + length]
+            parts.append(view[offset : offset + length])
+            source += length
         self._consume(end - pos)
-        return Message(message_kind, request_id, flags, header, [])
+        return Message(message_kind, request_id, flags, parts[0], parts[1:])
 
     def _parse_frame_header(self) -> None:
         """Validate a frame's fixed header before anything is allocated for it."""
@@ -808,19 +844,7 @@ class Connection:
         """
         self._total = nbytes
         self._filled = 0
-        if not self._lengths:
-            self._payload = _allocate(nbytes) if nbytes else bytearray()
-            self._segments = [(0, nbytes)]
-        else:
-            relative = [(0, self._header_len)]
-            end = self._header_len
-            for length in self._lengths:
-                start = _align_up(end)
-                relative.append((start, length))
-                end = start + length
-            self._payload = _allocate(end + _ALIGN)
-            origin = -_address(self._payload) % _ALIGN
-            self._segments = [(origin + start, length) for start, length in relative]
+        self._payload, self._segments = _lay_out(self._header_len, self._lengths)
         self._payload_view = memoryview(self._payload)
         self._segment = -1
         self._advance_payload(0)
