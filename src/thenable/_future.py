@@ -448,6 +448,11 @@ def _invoke_one(future: Future[Any], entry: _Entry) -> None:
     entry = None  # type: ignore[assignment]
 
 
+def copy_outcome(source: Future[Any], target: Future[Any]) -> None:
+    """Complete ``target`` like the completed ``source``: its value, or its exception."""
+    target._complete(source._result, source._exception, source._traceback)
+
+
 def _log_callback_error(callback: object, future: Future[Any]) -> None:
     """An add_done_callback callback raised: log it and carry on with the others."""
     _LOGGER.exception("exception in callback %r of %r (ignored)", callback, future)

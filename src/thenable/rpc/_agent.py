@@ -165,9 +165,6 @@ class Agent:
             return WorkerInfo(self.name, self.rank)
         return WorkerInfo(name, self.resolve(name))
 
-    def all_worker_infos(self) -> list[WorkerInfo]:
-        return [WorkerInfo(w.name, w.rank) for w in sorted(self._workers.values(), key=_rank)]
-
     def name_of(self, rank: int) -> str:
         worker = self._workers.get(rank)
         return worker.name if worker is not None else f"rank {rank}"
@@ -351,36 +348,30 @@ class Agent:
                 f"expected rank {rank} at {address[0]}:{address[1]}, found {peer_name!r} "
                 f"(rank {peer_rank})"
             )
-        conn = self._adopt(sock, protocol, identity, peer_name, peer_rank)
+        conn = self._adopt(sock, protocol, peer_name, peer_rank)
         with self._lock:
             self._links[rank] = conn
         return conn
 
     def _on_accept(self, sock: socket.socket, protocol: Connection, identity: bytes) -> None:
         peer_name, peer_rank = _parse_identity(identity)
-        conn = self._adopt(sock, protocol, identity, peer_name, peer_rank)
+        conn = self._adopt(sock, protocol, peer_name, peer_rank)
         with self._lock:
             link = self._links.get(peer_rank)
             if link is None or link.closed:
                 self._links[peer_rank] = conn
 
     def _adopt(
-        self,
-        sock: socket.socket,
-        protocol: Connection,
-        identity: bytes,
-        peer_name: str,
-        peer_rank: int,
+        self, sock: socket.socket, protocol: Connection, peer_name: str, peer_rank: int
     ) -> PeerConnection:
         conn = PeerConnection(
             sock,
             protocol,
-            identity,
+            peer_rank,
             on_message=self._on_message,
             on_closed=self._on_closed,
             description=f"{peer_name} (rank {peer_rank})",
         )
-        conn.peer_rank = peer_rank
         with self._lock:
             if self._state is AgentState.SHUT_DOWN:
                 sock.close()
@@ -683,7 +674,3 @@ def _qualname(fn: object) -> str:
     module = getattr(fn, "__module__", None)
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}" if module else str(name)
-
-
-def _rank(worker: WorkerAddress) -> int:
-    return worker.rank

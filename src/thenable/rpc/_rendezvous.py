@@ -15,16 +15,16 @@ one, so no call made while others were arriving is cut off.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import urlsplit
 
-from thenable._future import Future
+from thenable._future import Future, copy_outcome
 from thenable.rpc import _context
 from thenable.rpc._agent import Agent, WorkerAddress
 from thenable.rpc.functions import async_execution
@@ -114,7 +114,7 @@ class Coordinator:
         if error is not None:
             answer.set_exception(error)
             return answer
-        self._table.add_done_callback(lambda done: _copy(done, answer))
+        self._table.add_done_callback(functools.partial(copy_outcome, target=answer))
         if complete:
             self._table.set_result(table)
         return answer
@@ -200,10 +200,6 @@ def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
     )
     for answer in answers.values():
         answer._complete(None, error, strict=False)
-
-
-def _copy(source: Future[Any], target: Future[Any]) -> None:
-    target._complete(source._result, source._exception, source._traceback)
 
 
 @async_execution

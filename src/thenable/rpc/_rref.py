@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from thenable._future import Future
+from thenable._future import Future, copy_outcome
 from thenable.rpc import _context
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc.functions import async_execution, is_async_execution
@@ -472,13 +472,9 @@ def _produce(
         target._complete(None, exc, exc.__traceback__)
         return
     if is_async_execution(fn) and isinstance(result, Future):
-        result.add_done_callback(lambda done: _copy_outcome(done, target))
+        result.add_done_callback(functools.partial(copy_outcome, target=target))
     else:
         target._complete(result, None)
-
-
-def _copy_outcome(source: Future[Any], target: Future[Any]) -> None:
-    target._complete(source._result, source._exception, source._traceback)
 
 
 # -- functions run on the owner, by RPC ------------------------------------------------------

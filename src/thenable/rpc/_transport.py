@@ -59,7 +59,7 @@ class PeerConnection:
         self,
         sock: socket.socket,
         protocol: Connection,
-        peer_identity: bytes,
+        peer_rank: int,
         *,
         on_message: MessageHandler,
         on_closed: ClosedHandler,
@@ -67,7 +67,7 @@ class PeerConnection:
     ) -> None:
         self._sock = sock
         self._protocol = protocol
-        self.peer_identity = peer_identity
+        self.peer_rank = peer_rank  # which worker is on the other end
         self.description = description
         self._on_message = on_message
         self._on_closed = on_closed
@@ -75,8 +75,6 @@ class PeerConnection:
         self._state_lock = threading.Lock()
         self._closed = False
         self._reader: threading.Thread | None = None
-        # Set by the owner after the handshake: which worker is on the other end.
-        self.peer_rank: int = -1
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
