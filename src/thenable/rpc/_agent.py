@@ -39,7 +39,15 @@ from thenable.rpc._options import RpcBackendOptions, WorkerInfo
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._rref import OwnerTable
 from thenable.rpc._serialize import dumps, dumps_exception, loads, loads_exception
-from thenable.rpc._transport import Listener, PeerConnection, connect
+from thenable.rpc._transport import (
+    Address,
+    Listener,
+    PeerConnection,
+    connect,
+    describe_address,
+    host_id,
+    local_address,
+)
 from thenable.rpc.functions import is_async_execution
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
@@ -66,6 +74,8 @@ class WorkerAddress:
     rank: int
     host: str
     port: int
+    local: str | None = None  # abstract Unix-domain address, for workers on the same host
+    host_id: str = ""  # equal for workers that can use each other's ``local`` address
 
 
 class _Pending:
@@ -132,13 +142,27 @@ class Agent:
         self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
         self._deadlines = _Deadlines(f"thenable-rpc-timer-{name}", self._expire)
         self.listener = Listener(
-            listen[0],
-            listen[1],
+            listen,
             key=key,
             identity=self._identity,
             max_frame_bytes=options.max_message_bytes,
             on_accept=self._on_accept,
         )
+        self._host_id = host_id() if options.same_host_ipc else ""
+        # Same-host peers connect here instead (see _transport).
+        self.local_listener: Listener | None = None
+        local = local_address() if self._host_id else None
+        if local is not None:
+            try:
+                self.local_listener = Listener(
+                    local,
+                    key=key,
+                    identity=self._identity,
+                    max_frame_bytes=options.max_message_bytes,
+                    on_accept=self._on_accept,
+                )
+            except OSError as exc:
+                _LOGGER.info("no Unix-domain listener (%s); same-host peers use TCP", exc)
         # Rank 0's join and barrier bookkeeping (a _rendezvous.Coordinator), set before start().
         self.coordinator: Any = None
         self._ready = threading.Event()
@@ -146,6 +170,16 @@ class Agent:
     def start(self) -> None:
         """Start accepting connections."""
         self.listener.start()
+        if self.local_listener is not None:
+            self.local_listener.start()
+
+    def address(self) -> WorkerAddress:
+        """Where other workers reach this one (published at rendezvous)."""
+        tcp = self.listener.address
+        local = self.local_listener.address if self.local_listener is not None else None
+        assert isinstance(tcp, tuple) and not isinstance(local, tuple)
+        host, port = tcp
+        return WorkerAddress(self.name, self.rank, host, port, local, self._host_id)
 
     # -- identity and routing -----------------------------------------------------------------
 
@@ -158,7 +192,20 @@ class Agent:
         with self._lock:
             self._workers = {w.rank: w for w in workers}
             self._ranks_by_name = {w.name: w.rank for w in workers}
+            # A TCP link made before the table was known (the join) is replaced by a
+            # same-host connection on next use; it stays open for what is in flight on it.
+            for rank, link in list(self._links.items()):
+                if not link.is_local and self._same_host(self._workers.get(rank)):
+                    del self._links[rank]
         self._ready.set()
+
+    def _same_host(self, worker: WorkerAddress | None) -> bool:
+        return (
+            worker is not None
+            and worker.local is not None
+            and bool(self._host_id)
+            and worker.host_id == self._host_id
+        )
 
     def worker_info(self, name: str | None = None) -> WorkerInfo:
         if name is None:
@@ -330,9 +377,15 @@ class Agent:
         worker = self._workers.get(rank)
         if worker is None:
             raise ConnectionError(f"no address known for rank {rank}")
+        if self._same_host(worker):
+            assert worker.local is not None
+            try:
+                return self.connect_to(rank, worker.local, _CONNECT_TIMEOUT_S)
+            except OSError as exc:
+                _LOGGER.info("same-host connection to rank %d failed (%s); using TCP", rank, exc)
         return self.connect_to(rank, (worker.host, worker.port), _CONNECT_TIMEOUT_S)
 
-    def connect_to(self, rank: int, address: tuple[str, int], timeout: float) -> PeerConnection:
+    def connect_to(self, rank: int, address: Address, timeout: float) -> PeerConnection:
         """Connect to the worker ``rank`` at ``address`` and use it for requests to that rank."""
         sock, protocol, identity = connect(
             address,
@@ -345,7 +398,7 @@ class Agent:
         if peer_rank != rank:
             sock.close()
             raise ConnectionError(
-                f"expected rank {rank} at {address[0]}:{address[1]}, found {peer_name!r} "
+                f"expected rank {rank} at {describe_address(address)}, found {peer_name!r} "
                 f"(rank {peer_rank})"
             )
         conn = self._adopt(sock, protocol, peer_name, peer_rank)
@@ -358,7 +411,7 @@ class Agent:
         conn = self._adopt(sock, protocol, peer_name, peer_rank)
         with self._lock:
             link = self._links.get(peer_rank)
-            if link is None or link.closed:
+            if link is None or link.closed or (conn.is_local and not link.is_local):
                 self._links[peer_rank] = conn
 
     def _adopt(
@@ -526,6 +579,8 @@ class Agent:
             self._pending.clear()
             connections = list(self._all_connections)
         self.listener.close()
+        if self.local_listener is not None:
+            self.local_listener.close()
         for conn in connections:
             conn.close()
         for entry in entries:

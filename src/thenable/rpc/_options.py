@@ -51,6 +51,9 @@ class RpcBackendOptions:
             default ``THENABLE_AUTH_KEY`` from the environment; ``None`` there too means no
             authentication (as in torch).
         max_message_bytes: the largest message this worker accepts.
+        same_host_ipc: workers on one host talk over Unix-domain sockets and pass payloads of
+            256 KiB or more through shared memory (Linux; see ``thenable.rpc._shm``); False
+            makes them use TCP like workers on other hosts.
         device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
             sent yet, so they must stay empty.
     """
@@ -60,6 +63,7 @@ class RpcBackendOptions:
     num_worker_threads: int = 16
     auth_key: bytes | str | None = None
     max_message_bytes: int = 1 << 30
+    same_host_ipc: bool = True
     device_maps: dict[str, Any] = dataclasses.field(default_factory=dict)
     devices: list[Any] = dataclasses.field(default_factory=list)
 
@@ -82,6 +86,8 @@ class RpcBackendOptions:
             raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
         if self.auth_key is not None and not isinstance(self.auth_key, (bytes, str)):
             raise TypeError(f"auth_key must be bytes or str, got {type(self.auth_key).__name__}")
+        if not isinstance(self.same_host_ipc, bool):
+            raise TypeError(f"same_host_ipc must be True or False, got {self.same_host_ipc!r}")
         if self.device_maps or self.devices:
             raise NotImplementedError(
                 "device_maps/devices: sending CUDA tensors over RPC is not supported yet; move "

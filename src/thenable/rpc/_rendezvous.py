@@ -228,7 +228,7 @@ def join(agent: Agent, master: tuple[str, int], deadline: float | None) -> list[
         TimeoutError: rank 0 could not be reached, or the group was not complete, in time.
         ValueError: rank 0 refused this worker (duplicate name or rank, other world size).
     """
-    me = WorkerAddress(agent.name, agent.rank, *agent.listener.address)
+    me = agent.address()
     coordinator: Coordinator | None = agent.coordinator
     if coordinator is not None:
         coordinator.join(me, agent.world_size)

@@ -144,12 +144,17 @@ def _rebuild_storage(buffer: Any) -> Any:
     # garbage cycle makes the collector clear a memoryview with live exports, and CPython then
     # crashes at exit.
     owner = view.obj
-    if isinstance(owner, (bytearray, mmap.mmap)):
+    if isinstance(owner, (bytearray, mmap.mmap)) or type(owner) is _ndarray_type():
         offset = _address_of(view) - _address_of(memoryview(owner))
         return torch.frombuffer(
             owner, dtype=torch.uint8, count=view.nbytes, offset=offset
         ).untyped_storage()
     return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
+
+
+def _ndarray_type() -> type | None:
+    """numpy.ndarray if numpy is loaded (its arrays, like bytearrays, are not in cycles)."""
+    return getattr(sys.modules.get("numpy"), "ndarray", None)
 
 
 def _address_of(view: memoryview) -> int:

@@ -14,21 +14,29 @@ RPC future calling ``rpc_sync``, say), the reader hands its job to a fresh reade
 (leader/follower), so a blocked callback never stops the connection from delivering the very
 reply it waits for.
 
+Workers on the same host also listen on an abstract Unix-domain address (Linux; no file to
+clean up) and prefer it: it is faster than loopback TCP, and it can pass file descriptors, which
+lets large payloads travel through shared memory (``_shm``) instead of the socket.
+
 A connection that breaks the protocol (garbage, an oversized frame, a failed authentication)
 is closed and logged; the listener and every other connection keep going.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 from thenable._future import _PER_THREAD
+from thenable.rpc import _shm
 from thenable.rpc._protocol import (
     AuthenticationError,
     Connection,
@@ -39,7 +47,7 @@ from thenable.rpc._protocol import (
     ProtocolError,
 )
 
-__all__ = ("Listener", "PeerConnection", "connect")
+__all__ = ("Address", "Listener", "PeerConnection", "connect", "host_id", "local_address")
 
 _LOGGER = logging.getLogger("thenable.rpc.transport")
 
@@ -47,6 +55,11 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 102
 _RECV_BYTES = 1 << 18
 # How long an accepted socket may take to complete the handshake before it is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
+
+_FD_SPACE = socket.CMSG_SPACE(_shm.MAX_PENDING_DESCRIPTORS * array.array("i").itemsize)
+
+Address: TypeAlias = tuple[str, int] | str
+"""(host, port) for TCP, or an abstract Unix-domain socket name (starting with NUL)."""
 
 MessageHandler = Callable[["PeerConnection", Message], None]
 ClosedHandler = Callable[["PeerConnection", BaseException | None], None]
@@ -75,6 +88,14 @@ class PeerConnection:
         self._state_lock = threading.Lock()
         self._closed = False
         self._reader: threading.Thread | None = None
+        # Same-host connections stage large payloads in shared memory (see _shm).
+        self._outbox: _shm.Outbox | None = None
+        self._inbox: _shm.Inbox | None = None
+        if sock.family == socket.AF_UNIX and _shm.available():
+            self._outbox = _shm.Outbox()
+            self._inbox = _shm.Inbox()
+        # Segment RELEASEs waiting for whoever next holds the send lock (see _release).
+        self._releases: list[int] = []
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -83,6 +104,11 @@ class PeerConnection:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def is_local(self) -> bool:
+        """Whether this is a same-host (Unix-domain) connection."""
+        return self._sock.family == socket.AF_UNIX
 
     def start(self) -> None:
         """Start delivering received messages to ``on_message``."""
@@ -96,18 +122,72 @@ class PeerConnection:
         buffers: Sequence[memoryview] = (),
     ) -> None:
         """Send one message; raises ConnectionError if the connection is (or becomes) broken."""
-        with self._send_lock:
-            if self._closed:
-                raise ConnectionError(f"connection to {self.description} is closed")
-            try:
+        self._send_lock.acquire()
+        if self._closed:
+            self._unlock_send()
+            raise ConnectionError(f"connection to {self.description} is closed")
+        try:
+            staged = self._outbox.stage(buffers) if self._outbox and buffers else None
+            if staged is None:
                 parts = self._protocol.send_message(kind, request_id, header, buffers)
                 _send_all(self._sock, parts)
-            except OSError as exc:
-                error: BaseException = exc
             else:
-                return
+                self._send_staged(kind, request_id, header, staged)
+        except OSError as exc:
+            error: BaseException = exc
+        else:
+            return
+        finally:
+            self._unlock_send()
         self.close(error)
         raise ConnectionError(f"sending to {self.description} failed: {error}") from error
+
+    def _send_staged(
+        self, kind: MessageKind, request_id: int, header: bytes, staged: _shm.Staged
+    ) -> None:
+        """Send a message whose buffers wait in shared memory (send lock held)."""
+        assert self._outbox is not None
+        try:
+            parts = self._protocol.send_message(
+                kind, request_id, header, [memoryview(staged.descriptor)], flags=_shm.FLAG_STAGED
+            )
+            _send_all(self._sock, parts, staged.fd)
+        except BaseException:
+            self._outbox.abandon(staged)
+            raise
+        finally:
+            if staged.fd is not None:
+                os.close(staged.fd)
+
+    def _release(self, segment_id: int) -> None:
+        """Tell the peer that a segment is free, without ever waiting for the send lock.
+
+        The reader must not block on the send lock: its holder may be waiting for the peer
+        to read, while the peer's reader waits for ours.  So the RELEASE is queued, and
+        whoever holds or next takes the lock sends it (see _unlock_send).
+        """
+        self._releases.append(segment_id)
+        if self._send_lock.acquire(blocking=False):
+            self._unlock_send()
+
+    def _unlock_send(self) -> None:
+        """Send queued RELEASEs, then release the send lock (re-taken if more were queued)."""
+        while True:
+            try:
+                if self._closed:
+                    self._releases.clear()
+                while self._releases:
+                    frame = self._protocol.send_message(
+                        MessageKind.CONTROL, self._releases[0], b"", flags=_shm.FLAG_RELEASE
+                    )
+                    _send_all(self._sock, frame)
+                    self._releases.pop(0)
+            except OSError:
+                self._releases.clear()  # the connection is broken; the reader will notice
+            finally:
+                self._send_lock.release()
+            if not self._releases or not self._send_lock.acquire(blocking=False):
+                return
 
     def close(self, error: BaseException | None = None) -> None:
         """Close the socket (once) and report it through ``on_closed``."""
@@ -117,6 +197,11 @@ class PeerConnection:
             self._closed = True
         with contextlib.suppress(OSError):  # already disconnected
             self._sock.shutdown(socket.SHUT_RDWR)
+        if self._outbox is not None:
+            with self._send_lock:  # not while a sender copies into a segment
+                self._outbox.close()
+        if self._inbox is not None:
+            self._inbox.close()
         self._sock.close()
         self._on_closed(self, error)
 
@@ -139,6 +224,7 @@ class PeerConnection:
         _PER_THREAD.on_block = self._hand_off
         protocol = self._protocol
         sock = self._sock
+        inbox = self._inbox
         me = threading.current_thread()
         error: BaseException | None = None
         try:
@@ -146,13 +232,23 @@ class PeerConnection:
                 event = protocol.next_event()
                 if event is None:
                     view = protocol.get_buffer(_RECV_BYTES)
-                    received = sock.recv_into(view)
+                    if inbox is None:
+                        received = sock.recv_into(view)
+                    else:
+                        received, ancillary, msg_flags, _ = sock.recvmsg_into([view], _FD_SPACE)
+                        if ancillary:
+                            inbox.add_descriptors(_descriptors(ancillary, msg_flags))
                     if received:
                         protocol.buffer_updated(received)
                     else:
                         protocol.receive_data(b"")
                     continue
                 if isinstance(event, Message):
+                    if event.flags:
+                        unwrapped = self._unwrap(event)
+                        if unwrapped is None:
+                            continue
+                        event = unwrapped
                     self._on_message(self, event)
                 elif isinstance(event, ConnectionClosed):
                     break
@@ -167,16 +263,49 @@ class PeerConnection:
         if self._reader is me:
             self.close(error)
 
+    def _unwrap(self, message: Message) -> Message | None:
+        """Resolve a shared-memory frame: a staged message's buffers, or None for a RELEASE."""
+        flags = message.flags
+        if self._inbox is not None and self._outbox is not None:
+            if flags == _shm.FLAG_RELEASE and message.kind is MessageKind.CONTROL:
+                self._outbox.release(message.request_id)
+                return None
+            if flags == _shm.FLAG_STAGED and len(message.buffers) == 1:
+                segment_id, buffers = self._inbox.unstage(message.buffers[0])
+                self._release(segment_id)
+                return Message(message.kind, message.request_id, 0, message.header, buffers)
+        raise ProtocolError(f"unexpected frame flags {flags:#x} from {self.description}")
+
 
 def _noop() -> None:
     return None
 
 
-def _send_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """Write every part with scatter/gather ``sendmsg``, resuming after partial writes."""
+def _descriptors(ancillary: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
+    """The file descriptors in ``recvmsg`` ancillary data (this process now owns them)."""
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if msg_flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError("the peer sent more file descriptors than a frame may carry")
+    return list(fds)
+
+
+def _send_all(sock: socket.socket, parts: list[bytes | memoryview], fd: int | None = None) -> None:
+    """Write every part with scatter/gather ``sendmsg``, resuming after partial writes.
+
+    ``fd``, if given, travels (SCM_RIGHTS) with the first byte, on a Unix-domain socket.
+    """
     views = [memoryview(part).cast("B") for part in parts]
+    ancillary = []
+    if fd is not None:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
     while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
+        sent = sock.sendmsg(views[:_IOV_MAX], ancillary)
+        ancillary = []
         while sent:
             first = views[0]
             if sent >= first.nbytes:
@@ -218,8 +347,40 @@ def handshake(sock: socket.socket, protocol: Connection, timeout: float) -> byte
         sock.settimeout(None)
 
 
+def host_id() -> str:
+    """Equal on two workers that can reach each other's abstract Unix sockets (Linux: same
+    boot and network namespace); empty where there are none."""
+    if sys.platform != "linux":
+        return ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            boot = file.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return ""
+
+
+def local_address() -> str | None:
+    """A fresh abstract Unix-domain address to listen on, or None where there are none."""
+    if not host_id():
+        return None
+    return f"\0thenable-rpc-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def describe_address(address: Address) -> str:
+    """``host:port``, or the Unix socket's name."""
+    if isinstance(address, str):
+        return "unix:" + address.lstrip("\0")
+    return f"{address[0]}:{address[1]}"
+
+
+def _tune(sock: socket.socket) -> None:
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def connect(
-    address: tuple[str, int],
+    address: Address,
     *,
     key: bytes | None,
     identity: bytes,
@@ -232,9 +393,18 @@ def connect(
         OSError: the connection could not be made (refused, unreachable, timed out).
         ProtocolError / AuthenticationError: the handshake failed.
     """
-    sock = socket.create_connection(address, timeout=timeout)
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(address, timeout=timeout)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(sock)
         protocol = Connection(key=key, identity=identity, max_frame_bytes=max_frame_bytes)
         peer = handshake(sock, protocol, timeout)
     except BaseException:
@@ -247,7 +417,8 @@ class Listener:
     """Accepts connections on one address; each is authenticated, then handed to ``on_accept``.
 
     Args:
-        host, port: where to listen (port 0: any free port; see ``address``).
+        address: (host, port) to listen on TCP (port 0: any free port; see ``address``), or
+            an abstract Unix-domain name.
         key, identity, max_frame_bytes: this worker's handshake settings.
         on_accept: called with (socket, protocol, peer identity) of each authenticated peer;
             it may raise ValueError to refuse the peer (the socket is then closed).
@@ -255,8 +426,7 @@ class Listener:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        address: Address,
         *,
         key: bytes | None,
         identity: bytes,
@@ -267,11 +437,24 @@ class Listener:
         self._identity = identity
         self._max_frame_bytes = max_frame_bytes
         self._on_accept = on_accept
-        self._sock = socket.create_server((host, port), reuse_port=False, backlog=128)
-        self.address: tuple[str, int] = self._sock.getsockname()[:2]
+        self.address: Address
+        if isinstance(address, str):
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._sock.bind(address)
+                self._sock.listen(128)
+            except BaseException:
+                self._sock.close()
+                raise
+            self.address = address
+        else:
+            self._sock = socket.create_server(address, reuse_port=False, backlog=128)
+            self.address = self._sock.getsockname()[:2]
         self._closed = False
         self._thread = threading.Thread(
-            target=self._accept_loop, name=f"thenable-rpc-listener {self.address}", daemon=True
+            target=self._accept_loop,
+            name=f"thenable-rpc-listener {describe_address(self.address)}",
+            daemon=True,
         )
 
     def start(self) -> None:
@@ -305,7 +488,7 @@ class Listener:
     def _admit(self, sock: socket.socket, peer_address: Any) -> None:
         """Authenticate one accepted socket and hand it over, or drop it with a log line."""
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             protocol = Connection(
                 key=self._key, identity=self._identity, max_frame_bytes=self._max_frame_bytes
             )

@@ -1,0 +1,345 @@
+"""Shared memory for large payloads between two workers on the same host.
+
+Over a Unix-domain connection, a message whose out-of-band buffers add up to at least
+``STAGE_MIN_BYTES`` does not cross the socket: the sender copies its buffers into a shared
+memory *segment* and sends a small frame that says where they are; the receiver copies them
+out into private memory and tells the sender that the segment is free again.  Each byte is
+copied twice in user space instead of twice through the kernel's socket buffers, which on
+these machines is several times faster (sockets top out near 1 GB/s, a warm memcpy is
+about 10 GB/s).
+
+Ownership and cleanup rules
+---------------------------
+1. A segment is a ``memfd`` (Linux ``memfd_create``): it has no name in any file system, so
+   nothing can be left behind in ``/dev/shm``.  The kernel frees its memory when the last
+   mapping and descriptor are gone, whichever process dies or closes first.
+2. The *sender* creates a segment, sizes it, seals its size (``F_SEAL_SHRINK | F_SEAL_GROW``,
+   so the peer can never be made to fault on a truncated mapping), maps it, and passes the
+   descriptor to its peer once, attached (``SCM_RIGHTS``) to the first frame staged in it.
+   Both ends close the descriptor at once and keep only their mapping.
+3. A segment belongs to one connection and one direction.  It is *busy* from the moment the
+   sender copies a message into it until the receiver's RELEASE for it arrives; only a free
+   segment is written to.
+4. The receiver copies every part out before it hands the message on, then sends RELEASE.
+   Received arrays and tensors therefore never point into shared memory: neither end can see
+   the other's later writes, and the segment can be reused at once.
+5. The sender keeps at most ``MAX_SEGMENTS`` segments of at most ``MAX_SEGMENT_BYTES`` each
+   per connection.  When no free one is big enough it *retires* a free one (the next staged
+   frame lists it and both ends unmap it); when every segment is busy, or a message is too
+   big, the message goes through the socket as usual.  Staging is an optimization only: any
+   failure to stage (no ``memfd_create``, out of memory) falls back to the socket.
+6. When the connection closes, both ends unmap all of its segments; a peer that crashes
+   closes the connection, so the survivor frees its mappings then.  A connection that is not
+   Unix-domain (another host) never stages.
+
+Frames (the flags of ``_protocol`` frames, which that module leaves to its user):
+
+- ``FLAG_STAGED`` on a message: its only buffer is a descriptor (below) instead of the data;
+- ``FLAG_RELEASE`` on a CONTROL frame: the segment ``request_id`` is free again.
+
+Descriptor: ``!QQBxxxHI`` (segment id, segment size, 1 if a descriptor is attached, number
+of retired segment ids, number of parts), then the retired ids (``Q`` each), then
+``(offset, length)`` (``QQ``) per part.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import struct
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from thenable.rpc._protocol import ProtocolError, allocate_parts
+
+__all__ = [
+    "FLAG_RELEASE",
+    "FLAG_STAGED",
+    "MAX_SEGMENTS",
+    "MAX_SEGMENT_BYTES",
+    "STAGE_MIN_BYTES",
+    "Inbox",
+    "Outbox",
+    "Staged",
+    "available",
+]
+
+_LOGGER = logging.getLogger("thenable.rpc.shm")
+
+FLAG_STAGED: Final = 0x1
+FLAG_RELEASE: Final = 0x2
+
+STAGE_MIN_BYTES: Final = 1 << 18
+"""Messages with at least this many bytes of buffers are staged in shared memory."""
+MAX_SEGMENTS: Final = 4
+"""Most segments one end of a connection keeps for sending."""
+MAX_SEGMENT_BYTES: Final = 1 << 30
+"""Largest segment; bigger messages go through the socket."""
+MAX_PENDING_DESCRIPTORS: Final = 8
+"""Most received file descriptors waiting for their frame; more is a protocol error."""
+
+_MIN_SEGMENT_BYTES: Final = 1 << 20
+_ALIGN: Final = 64
+_HEAD: Final = struct.Struct("!QQBxxxHI")
+_ID: Final = struct.Struct("!Q")
+_PART: Final = struct.Struct("!QQ")
+if sys.platform == "linux":
+    import fcntl
+
+    _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+else:  # pragma: no cover - staging is Linux-only
+    _SEALS: Final = 0
+
+
+def available() -> bool:
+    """Whether this platform can stage messages (Linux with memfd and file sealing)."""
+    return sys.platform == "linux" and hasattr(os, "memfd_create") and _SEALS != 0
+
+
+def _align_up(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _segment_size(nbytes: int) -> int:
+    """Segments come in powers of two, so that a few of them serve messages of any size."""
+    return max(_MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length())
+
+
+@dataclass(slots=True)
+class _Segment:
+    id: int
+    mapping: mmap.mmap
+    busy: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.mapping)
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """A message copied into shared memory: send ``descriptor`` as its only buffer, with
+    ``fd`` attached when it is not None (and close ``fd`` once sent)."""
+
+    segment_id: int
+    descriptor: bytes
+    fd: int | None
+
+
+class Outbox:
+    """The sending end's segments of one connection (see the module's rules)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: dict[int, _Segment] = {}
+        self._ids = itertools.count(1)
+        self._retired: list[int] = []  # retired ids not yet announced to the peer
+        self._closed = False
+
+    def stage(self, buffers: Sequence[memoryview]) -> Staged | None:
+        """Copy ``buffers`` into a free segment, or return None to send them by socket."""
+        lengths = [buffer.nbytes for buffer in buffers]
+        offsets = []
+        end = 0
+        for length in lengths:
+            offsets.append(end)
+            end = _align_up(end + length)
+        if end < STAGE_MIN_BYTES or end > MAX_SEGMENT_BYTES:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            segment, fd = self._claim(end)
+            if segment is None:
+                return None
+            retired, self._retired = self._retired, []
+        target = memoryview(segment.mapping)
+        try:
+            for buffer, offset, length in zip(buffers, offsets, lengths, strict=True):
+                target[offset : offset + length] = buffer
+        finally:
+            target.release()
+        head = _HEAD.pack(segment.id, segment.size, fd is not None, len(retired), len(lengths))
+        descriptor = b"".join(
+            [head]
+            + [_ID.pack(segment_id) for segment_id in retired]
+            + [_PART.pack(offset, length) for offset, length in zip(offsets, lengths, strict=True)]
+        )
+        return Staged(segment.id, descriptor, fd)
+
+    def _claim(self, nbytes: int) -> tuple[_Segment | None, int | None]:
+        """A free segment of at least ``nbytes`` (new: with its descriptor), marked busy."""
+        free = sorted((s for s in self._segments.values() if not s.busy), key=lambda s: s.size)
+        for segment in free:
+            if segment.size >= nbytes:
+                segment.busy = True
+                return segment, None
+        if len(self._segments) >= MAX_SEGMENTS:
+            if not free:
+                return None, None  # all busy: the caller uses the socket
+            self._retire(free[0])
+        try:
+            segment, fd = self._create(_segment_size(nbytes))
+        except OSError as exc:
+            _LOGGER.info("cannot create a shared memory segment (%s); using the socket", exc)
+            return None, None
+        segment.busy = True
+        self._segments[segment.id] = segment
+        return segment, fd
+
+    def _create(self, size: int) -> tuple[_Segment, int]:
+        fd = os.memfd_create("thenable-rpc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Segment(next(self._ids), mapping), fd
+
+    def _retire(self, segment: _Segment) -> None:
+        del self._segments[segment.id]
+        self._retired.append(segment.id)
+        segment.mapping.close()
+
+    def abandon(self, staged: Staged) -> None:
+        """``staged`` could not be sent: retire its segment (the peer may never have seen it)."""
+        with self._lock:
+            segment = self._segments.get(staged.segment_id)
+            if segment is not None:
+                self._retire(segment)
+
+    def release(self, segment_id: int) -> None:
+        """The peer has copied out the message staged in ``segment_id``."""
+        with self._lock:
+            segment = self._segments.get(segment_id)
+            if segment is None or not segment.busy:
+                raise ProtocolError(
+                    f"the peer released segment {segment_id}, which it did not hold"
+                )
+            segment.busy = False
+
+    def segment_count(self) -> int:
+        with self._lock:
+            return len(self._segments)
+
+    def close(self) -> None:
+        """Unmap every segment; later ``stage`` calls return None."""
+        with self._lock:
+            self._closed = True
+            segments = list(self._segments.values())
+            self._segments.clear()
+        for segment in segments:
+            segment.mapping.close()
+
+
+def _private_area(nbytes: int) -> Any:
+    """Memory for received parts: a numpy array when numpy is loaded, else a bytearray.
+
+    numpy's allocator hands back recently freed memory, already mapped: for 100 MiB that is
+    about 7x faster here than fresh pages from the kernel, which every received message of a
+    loop would otherwise fault in again.
+    """
+    numpy = sys.modules.get("numpy")
+    empty = getattr(numpy, "empty", None)  # None while another thread imports numpy
+    if empty is not None:
+        return empty(nbytes, dtype="uint8")
+    return bytearray(nbytes)
+
+
+class Inbox:
+    """The receiving end's mappings of its peer's segments (see the module's rules)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mappings: dict[int, mmap.mmap] = {}
+        self._descriptors: deque[int] = deque()
+        self._closed = False
+
+    def add_descriptors(self, fds: Sequence[int]) -> None:
+        """File descriptors received with the socket's data, in order; this Inbox owns them."""
+        with self._lock:
+            self._descriptors.extend(fds)
+            too_many = len(self._descriptors) > MAX_PENDING_DESCRIPTORS or self._closed
+        if too_many:
+            self.close()
+            raise ProtocolError("the peer sent file descriptors that no frame refers to")
+
+    def unstage(self, descriptor: memoryview) -> tuple[int, list[memoryview]]:
+        """Copy a staged message's parts into private memory: (segment id, buffers)."""
+        try:
+            segment_id, size, has_fd, n_retired, n_parts = _HEAD.unpack_from(descriptor)
+            position = _HEAD.size
+            retired = [
+                _ID.unpack_from(descriptor, position + i * _ID.size)[0] for i in range(n_retired)
+            ]
+            position += n_retired * _ID.size
+            if descriptor.nbytes != position + n_parts * _PART.size:
+                raise struct.error("wrong length")
+            parts = [
+                _PART.unpack_from(descriptor, position + i * _PART.size) for i in range(n_parts)
+            ]
+        except struct.error:
+            raise ProtocolError("malformed shared memory descriptor") from None
+        with self._lock:
+            if self._closed:
+                raise ProtocolError("shared memory frame after the connection closed")
+            for old in retired:
+                mapping = self._mappings.pop(old, None)
+                if mapping is not None:
+                    mapping.close()
+            if has_fd:
+                if not self._descriptors:
+                    raise ProtocolError("a staged frame's file descriptor did not arrive")
+                self._map(segment_id, self._descriptors.popleft(), size)
+            mapping = self._mappings.get(segment_id)
+            if mapping is None:
+                raise ProtocolError(f"the peer staged a message in unknown segment {segment_id}")
+            if any(offset + length > len(mapping) for offset, length in parts):
+                raise ProtocolError("a staged part lies outside its segment")
+            buffers = allocate_parts([length for _, length in parts], _private_area)
+            source = memoryview(mapping)
+            try:
+                for buffer, (offset, length) in zip(buffers, parts, strict=True):
+                    buffer[:] = source[offset : offset + length]
+            finally:
+                source.release()
+        return segment_id, buffers
+
+    def _map(self, segment_id: int, fd: int, size: int) -> None:
+        """Map a new segment (fd is consumed), after checking that it cannot shrink."""
+        try:
+            if segment_id in self._mappings:
+                raise ProtocolError(f"the peer reused segment id {segment_id}")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & _SEALS != _SEALS or os.fstat(fd).st_size != size:
+                raise ProtocolError("the peer sent a shared memory segment that can change size")
+            self._mappings[segment_id] = mmap.mmap(fd, size)
+        except OSError as exc:
+            raise ProtocolError(f"cannot map the peer's shared memory segment: {exc}") from exc
+        finally:
+            os.close(fd)
+
+    def segment_count(self) -> int:
+        with self._lock:
+            return len(self._mappings)
+
+    def close(self) -> None:
+        """Unmap every segment and close descriptors that never found their frame."""
+        with self._lock:
+            self._closed = True
+            mappings = list(self._mappings.values())
+            self._mappings.clear()
+            descriptors = list(self._descriptors)
+            self._descriptors.clear()
+        for mapping in mappings:
+            mapping.close()
+        for fd in descriptors:
+            os.close(fd)
