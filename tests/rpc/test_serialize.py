@@ -15,6 +15,7 @@ import pytest
 
 from thenable.rpc import _protocol, _serialize
 from thenable.rpc._serialize import (
+    _IN_BAND_BYTES,
     RemoteError,
     RemoteTraceback,
     SerializationError,
@@ -231,6 +232,20 @@ def test_numpy_contiguous_array_is_out_of_band() -> None:
     assert result.flags.writeable
 
 
+@pytest.mark.parametrize("nbytes", [8, _IN_BAND_BYTES, _IN_BAND_BYTES + 8])
+def test_small_arrays_and_tensors_travel_in_the_header(nbytes: int) -> None:
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    array = np.arange(nbytes // 8, dtype=np.float64)
+    tensor = torch.arange(nbytes // 8, dtype=torch.float64)
+    header, buffers = dumps((array, tensor))
+    assert len(buffers) == (0 if nbytes <= _IN_BAND_BYTES else 2)
+    got_array, got_tensor = loads(header, [bytearray(b) for b in buffers])
+    assert np.array_equal(got_array, array) and torch.equal(got_tensor, tensor)
+    got_array[0] = got_tensor[0] = -1  # writable, and the sender's copies are untouched
+    assert array[0] == tensor[0] == 0
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8", "complex128", "bool", ">i4", "U3"])
 def test_numpy_dtypes(dtype: str) -> None:
     np = pytest.importorskip("numpy")
@@ -259,11 +274,13 @@ def test_numpy_non_contiguous_views_keep_their_layout() -> None:
         assert result.flags.writeable
 
 
-def test_numpy_views_of_one_base_share_memory_after_load() -> None:
+@pytest.mark.parametrize("rows", [4, 400])  # in the header / out of band
+def test_numpy_views_of_one_base_share_memory_after_load(rows: int) -> None:
     np = pytest.importorskip("numpy")
-    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    base = np.arange(rows * 6, dtype=np.float64).reshape(rows, 6)
     header, buffers = dumps({"a": base[1:, ::2], "b": base.T, "c": base})
-    assert len(buffers) == 1  # the base is sent once
+    assert len(buffers) == (base.nbytes > _IN_BAND_BYTES)  # the base is sent once
+    assert len(header) < base.nbytes + 1024
     got = loads(header, [bytearray(b) for b in buffers])
     got["c"][1, 0] = -1.0
     assert got["a"][0, 0] == -1.0
@@ -287,7 +304,7 @@ def test_numpy_arrays_over_one_buffer_at_different_offsets_share_it() -> None:
     first = np.frombuffer(data, dtype=np.uint8, count=8)
     second = np.frombuffer(data, dtype=np.uint8, offset=4, count=8)
     header, buffers = dumps([first, second])
-    assert len(buffers) == 1
+    assert not buffers  # one small block, in the header
     got_first, got_second = loads(header, [bytearray(b) for b in buffers])
     got_first[5] = 200
     assert got_second[1] == 200
@@ -306,8 +323,8 @@ def test_numpy_slices_of_a_big_array_share_a_trimmed_block() -> None:
     np = pytest.importorskip("numpy")
     big = np.arange(1_000_000, dtype=np.float64)
     header, buffers = dumps((big[10_000:10_010], big[10_005:10_020:5]))
-    assert len(buffers) == 1
-    assert buffers[0].nbytes < 1024
+    assert not buffers  # trimmed to a small block, which travels in the header
+    assert len(header) < 1024
     first, second = loads(header, [bytearray(b) for b in buffers])
     assert first.tolist() == list(range(10_000, 10_010))
     assert second.tolist() == [10_005, 10_010, 10_015]
@@ -375,13 +392,14 @@ def test_torch_dtypes(dtype: str) -> None:
     assert torch.equal(result, tensor)
 
 
-def test_torch_views_share_one_storage_after_load() -> None:
+@pytest.mark.parametrize("rows", [4, 400])  # in the header / out of band
+def test_torch_views_share_one_storage_after_load(rows: int) -> None:
     torch = pytest.importorskip("torch")
-    base = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    base = torch.arange(rows * 5, dtype=torch.float32).reshape(rows, 5)
     view = base[1:, ::2]
     transposed = base.t()
     header, buffers = dumps([view, transposed, base])
-    assert len(buffers) == 1
+    assert len(buffers) == (rows * 5 * 4 > _IN_BAND_BYTES)
     got_view, got_t, got_base = loads(header, [bytearray(b) for b in buffers])
     assert got_view.stride() == view.stride() == (5, 2)
     assert got_view.storage_offset() == view.storage_offset()
@@ -408,8 +426,8 @@ def test_torch_views_with_different_dtypes_share_a_trimmed_storage() -> None:
     big = torch.zeros(1_000_000, dtype=torch.float64)
     as_int = big.view(torch.int32)
     header, buffers = dumps((big[1001:1003], as_int[2003:2007]))
-    assert len(buffers) == 1
-    assert buffers[0].nbytes < 1024
+    assert not buffers  # trimmed to a small block, which travels in the header
+    assert len(header) < 1024
     floats, ints = loads(header, [bytearray(b) for b in buffers])
     floats[0] = 1.0  # the same write in the original shows what the int view should see
     big[1001] = 1.0

@@ -50,6 +50,7 @@ __all__ = [
 _PICKLE_PROTOCOL: Final = 5
 
 _Buffer: TypeAlias = bytes | bytearray | memoryview
+_IN_BAND_BYTES: Final = 4096  # memory blocks up to this size travel inside the header
 
 
 class SerializationError(TypeError):
@@ -109,6 +110,18 @@ def _writable(buffer: Any) -> memoryview:
     return view
 
 
+def _carrier(source: Any) -> bytearray | pickle.PickleBuffer:
+    """How a block's bytes travel: small ones inside the header, others out of band.
+
+    Each out-of-band buffer costs the protocol a part of its own on both ends, which for a
+    few KiB is more than copying them.  A bytearray arrives as a writable bytearray.
+    """
+    view = memoryview(source)
+    if view.nbytes <= _IN_BAND_BYTES:
+        return bytearray(view)
+    return pickle.PickleBuffer(source)
+
+
 def _rebuild_block(buffer: Any) -> memoryview:
     """Receiver side of :class:`_Block`: the shared memory block as a writable view."""
     return _writable(buffer)
@@ -129,7 +142,7 @@ class _Block:
         self.keepalive = keepalive
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_block, (pickle.PickleBuffer(self.source),))
+        return (_rebuild_block, (_carrier(self.source),))
 
 
 def _rebuild_storage(buffer: Any) -> Any:
@@ -168,7 +181,7 @@ class _StorageBlock(_Block):
     __slots__ = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_storage, (pickle.PickleBuffer(self.source),))
+        return (_rebuild_storage, (_carrier(self.source),))
 
 
 # ---------------------------------------------------------------------------------------

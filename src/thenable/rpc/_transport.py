@@ -25,6 +25,7 @@ is closed and logged; the listener and every other connection keep going.
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import logging
 import os
@@ -53,6 +54,8 @@ _LOGGER = logging.getLogger("thenable.rpc.transport")
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _RECV_BYTES = 1 << 18
+# How long a clean close waits to write the frames still queued.
+_FLUSH_TIMEOUT_S = 1.0
 # How long an accepted socket may take to complete the handshake before it is dropped.
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -86,7 +89,8 @@ class PeerConnection:
         self._on_closed = on_closed
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._closed = False
+        self._closing = False  # close() has begun (it runs once)
+        self._closed = False  # ... and no longer sends
         self._reader: threading.Thread | None = None
         # Same-host connections stage large payloads in shared memory (see _shm).
         self._outbox: _shm.Outbox | None = None
@@ -94,8 +98,8 @@ class PeerConnection:
         if sock.family == socket.AF_UNIX and _shm.available():
             self._outbox = _shm.Outbox()
             self._inbox = _shm.Inbox()
-        # Segment RELEASEs waiting for whoever next holds the send lock (see _release).
-        self._releases: list[int] = []
+        # Frames waiting for whoever next holds the send lock (see _enqueue).
+        self._queue: collections.deque[list[bytes | memoryview]] = collections.deque()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -121,26 +125,38 @@ class PeerConnection:
         header: bytes,
         buffers: Sequence[memoryview] = (),
     ) -> None:
-        """Send one message; raises ConnectionError if the connection is (or becomes) broken."""
-        self._send_lock.acquire()
+        """Send one message; raises ConnectionError if the connection is (or becomes) broken.
+
+        A message without buffers (its header is an immutable bytes object) may be written
+        later by another thread, batched with others, so that threads replying on one
+        connection never queue up on its lock.  A message with buffers is written before
+        this returns: the buffers are the caller's memory, which may change afterwards.
+        """
         if self._closed:
-            self._unlock_send()
             raise ConnectionError(f"connection to {self.description} is closed")
+        if not buffers:
+            self._enqueue(self._protocol.send_message(kind, request_id, header))
+            return
+        self._send_lock.acquire()
+        error: BaseException | None = None
         try:
-            staged = self._outbox.stage(buffers) if self._outbox and buffers else None
+            if self._closed:
+                raise ConnectionError(f"connection to {self.description} is closed")
+            staged = self._outbox.stage(buffers) if self._outbox is not None else None
             if staged is None:
                 parts = self._protocol.send_message(kind, request_id, header, buffers)
+                self._write_queued()  # frames queued before this one go first
                 _send_all(self._sock, parts)
             else:
+                self._write_queued()
                 self._send_staged(kind, request_id, header, staged)
         except OSError as exc:
-            error: BaseException = exc
-        else:
-            return
+            error = exc
         finally:
             self._unlock_send()
-        self.close(error)
-        raise ConnectionError(f"sending to {self.description} failed: {error}") from error
+        if error is not None:
+            self.close(error)
+            raise ConnectionError(f"sending to {self.description} failed: {error}") from error
 
     def _send_staged(
         self, kind: MessageKind, request_id: int, header: bytes, staged: _shm.Staged
@@ -160,46 +176,83 @@ class PeerConnection:
                 os.close(staged.fd)
 
     def _release(self, segment_id: int) -> None:
-        """Tell the peer that a segment is free, without ever waiting for the send lock.
+        """Tell the peer that a segment is free (the reader calls this; it never waits).
 
         The reader must not block on the send lock: its holder may be waiting for the peer
-        to read, while the peer's reader waits for ours.  So the RELEASE is queued, and
-        whoever holds or next takes the lock sends it (see _unlock_send).
+        to read, while the peer's reader waits for ours.
         """
-        self._releases.append(segment_id)
+        self._enqueue(
+            self._protocol.send_message(
+                MessageKind.CONTROL, segment_id, b"", flags=_shm.FLAG_RELEASE
+            )
+        )
+
+    def _enqueue(self, frame: list[bytes | memoryview]) -> None:
+        """Queue a frame; write it now if the send lock is free, else its holder will."""
+        self._queue.append(frame)
         if self._send_lock.acquire(blocking=False):
             self._unlock_send()
 
+    def _write_queued(self) -> None:
+        """Write every queued frame, many per system call (send lock held)."""
+        queue = self._queue
+        while queue:
+            batch: list[bytes | memoryview] = []
+            while queue and len(batch) < _IOV_MAX:
+                batch += queue.popleft()
+            _send_all(self._sock, batch)
+
     def _unlock_send(self) -> None:
-        """Send queued RELEASEs, then release the send lock (re-taken if more were queued)."""
+        """Write the queued frames, then release the send lock.
+
+        A frame queued while the lock was held, after the holder's last look at the queue,
+        is seen either by its own thread (which then finds the lock free) or by the check
+        after the release here, so none is left behind.
+        """
         while True:
+            error: OSError | None = None
             try:
-                if self._closed:
-                    self._releases.clear()
-                while self._releases:
-                    frame = self._protocol.send_message(
-                        MessageKind.CONTROL, self._releases[0], b"", flags=_shm.FLAG_RELEASE
-                    )
-                    _send_all(self._sock, frame)
-                    self._releases.pop(0)
-            except OSError:
-                self._releases.clear()  # the connection is broken; the reader will notice
+                if not self._closed:
+                    self._write_queued()
+            except OSError as exc:
+                error = exc
             finally:
+                if self._closed or error is not None:
+                    self._queue.clear()  # calls waiting for replies fail in close()
                 self._send_lock.release()
-            if not self._releases or not self._send_lock.acquire(blocking=False):
+            if error is not None:
+                self.close(error)
+                return
+            if not self._queue or not self._send_lock.acquire(blocking=False):
                 return
 
     def close(self, error: BaseException | None = None) -> None:
-        """Close the socket (once) and report it through ``on_closed``."""
+        """Close the socket (once) and report it through ``on_closed``.
+
+        A clean close (no ``error``) first writes the frames still queued (replies sent just
+        before a graceful shutdown), waiting at most ``_FLUSH_TIMEOUT_S`` for the send lock.
+        """
         with self._state_lock:
-            if self._closed:
+            if self._closing:
                 return
+            self._closing = True
+        locked = self._send_lock.acquire(timeout=_FLUSH_TIMEOUT_S if error is None else 0)
+        try:
+            if locked and error is None:
+                with contextlib.suppress(OSError):
+                    self._write_queued()
             self._closed = True
-        with contextlib.suppress(OSError):  # already disconnected
-            self._sock.shutdown(socket.SHUT_RDWR)
-        if self._outbox is not None:
-            with self._send_lock:  # not while a sender copies into a segment
+            with contextlib.suppress(OSError):  # already disconnected
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if not locked:  # a sender holds it: the shutdown above makes it let go
+                self._send_lock.acquire()
+                locked = True
+            if self._outbox is not None:  # under the send lock: no sender is copying into it
                 self._outbox.close()
+        finally:
+            if locked:
+                self._queue.clear()
+                self._send_lock.release()
         if self._inbox is not None:
             self._inbox.close()
         self._sock.close()
