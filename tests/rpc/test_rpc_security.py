@@ -79,9 +79,11 @@ def _assert_dropped(sock: socket.socket) -> None:
 
 def _call_through(address: tuple[str, int]) -> object:
     """A well-behaved peer: a fresh authenticated connection, one REQUEST, its RESPONSE."""
-    sock, protocol, identity = _transport.connect(
+    peer = _transport.connect(
         address, key=KEY.encode(), identity=PROBE_IDENTITY, max_frame_bytes=1 << 20, timeout=10
     )
+    sock, protocol, identity = peer.sock, peer.protocol, peer.peer_identity
+    assert not peer.descriptors
     with sock:
         sock.settimeout(10.0)
         assert json.loads(identity) == {"name": "worker1", "rank": 1}
@@ -149,9 +151,9 @@ def test_frame_claiming_2_to_the_40_bytes_is_dropped(
     group: Group, address: tuple[str, int], where: str
 ) -> None:
     """After a correct handshake, a frame header announcing a 1 TiB frame."""
-    sock, _, _ = _transport.connect(
+    sock = _transport.connect(
         address, key=KEY.encode(), identity=PROBE_IDENTITY, max_frame_bytes=1 << 20, timeout=10
-    )
+    ).sock
     with sock:
         if where == "header":
             frame = FRAME.pack(b"TN", MessageKind.REQUEST, 0, 0, 1, 2**40, 0)

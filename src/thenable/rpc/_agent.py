@@ -24,7 +24,6 @@ import functools
 import itertools
 import json
 import logging
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -36,11 +35,12 @@ from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable.rpc import _context
 from thenable.rpc._options import RpcBackendOptions, WorkerInfo
-from thenable.rpc._protocol import Connection, Message, MessageKind
+from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
 from thenable.rpc._serialize import dumps, dumps_exception, loads, loads_exception
 from thenable.rpc._transport import (
     Address,
+    Authenticated,
     Listener,
     PeerConnection,
     connect,
@@ -387,49 +387,54 @@ class Agent:
 
     def connect_to(self, rank: int, address: Address, timeout: float) -> PeerConnection:
         """Connect to the worker ``rank`` at ``address`` and use it for requests to that rank."""
-        sock, protocol, identity = connect(
+        peer = connect(
             address,
             key=self._key,
             identity=self._identity,
             max_frame_bytes=self.options.max_message_bytes,
             timeout=timeout,
         )
-        peer_name, peer_rank = _parse_identity(identity)
+        try:
+            peer_name, peer_rank = _parse_identity(peer.peer_identity)
+        except ValueError:
+            peer.close()
+            raise
         if peer_rank != rank:
-            sock.close()
+            peer.close()
             raise ConnectionError(
                 f"expected rank {rank} at {describe_address(address)}, found {peer_name!r} "
                 f"(rank {peer_rank})"
             )
-        conn = self._adopt(sock, protocol, peer_name, peer_rank)
+        conn = self._adopt(peer, peer_name, peer_rank)
         with self._lock:
             self._links[rank] = conn
         return conn
 
-    def _on_accept(self, sock: socket.socket, protocol: Connection, identity: bytes) -> None:
-        peer_name, peer_rank = _parse_identity(identity)
-        conn = self._adopt(sock, protocol, peer_name, peer_rank)
+    def _on_accept(self, peer: Authenticated) -> None:
+        peer_name, peer_rank = _parse_identity(peer.peer_identity)
+        conn = self._adopt(peer, peer_name, peer_rank)
         with self._lock:
             link = self._links.get(peer_rank)
             if link is None or link.closed or (conn.is_local and not link.is_local):
                 self._links[peer_rank] = conn
 
-    def _adopt(
-        self, sock: socket.socket, protocol: Connection, peer_name: str, peer_rank: int
-    ) -> PeerConnection:
+    def _adopt(self, peer: Authenticated, peer_name: str, peer_rank: int) -> PeerConnection:
         conn = PeerConnection(
-            sock,
-            protocol,
+            peer.sock,
+            peer.protocol,
             peer_rank,
             on_message=self._on_message,
             on_closed=self._on_closed,
             description=f"{peer_name} (rank {peer_rank})",
+            descriptors=peer.descriptors,
         )
         with self._lock:
-            if self._state is AgentState.SHUT_DOWN:
-                sock.close()
-                raise ConnectionError("this worker is shut down")
-            self._all_connections.add(conn)
+            refused = self._state is AgentState.SHUT_DOWN
+            if not refused:
+                self._all_connections.add(conn)
+        if refused:
+            conn.close()
+            raise ConnectionError("this worker is shut down")
         conn.start()
         return conn
 

@@ -131,6 +131,18 @@ class OwnerTable:
             entry.forks.discard(fork)
             self._drop_if_unused_locked(rref_id, entry)
 
+    def awaited_value(self, rref_id: RRefId) -> Future[Any]:
+        """The value's Future for a caller that holds a fork of ``rref_id``.
+
+        The entry may not exist yet: the request can overtake ``remote()``'s creation, which
+        then completes this same Future.
+        """
+        with self._lock:
+            entry = self._entries.get(rref_id)
+            if entry is None:
+                entry = self._entries[rref_id] = _Entry()
+            return entry.value
+
     def value_future(self, rref_id: RRefId) -> Future[Any]:
         with self._lock:
             return self._get_locked(rref_id).value
@@ -322,7 +334,10 @@ class RRef(Generic[T]):
             value = agent.rrefs.value_future(self._id)
             seconds = agent_timeout(agent, timeout)
             return value.wait(seconds if seconds > 0 else None)  # type: ignore[no-any-return]
-        result = agent.call(self._owner, _fetch_value, (self,), {}, agent_timeout(agent, timeout))
+        # Only the id travels: this RRef (its fork) stays alive while we wait, so the owner
+        # keeps the value without registering a fork for the request.
+        seconds = agent_timeout(agent, timeout)
+        result = agent.call(self._owner, _fetch_value, (self._id,), {}, seconds)
         return result.wait()  # type: ignore[no-any-return]
 
     # -- proxies ------------------------------------------------------------------------------
@@ -492,9 +507,9 @@ def _remote_create(
 
 
 @async_execution
-def _fetch_value(rref: RRef[Any]) -> Future[Any]:
+def _fetch_value(rref_id: RRefId) -> Future[Any]:
     """On the owner: the value's Future; the reply is sent when it completes."""
-    return rref._agent.rrefs.value_future(rref._id)
+    return _context.require_agent().rrefs.awaited_value(rref_id)
 
 
 @async_execution

@@ -318,10 +318,14 @@ class Inbox:
         try:
             if segment_id in self._mappings:
                 raise ProtocolError(f"the peer reused segment id {segment_id}")
+            if not 0 < size <= MAX_SEGMENT_BYTES:
+                raise ProtocolError(f"the peer shared a segment of {size} bytes")
+            if len(self._mappings) >= MAX_SEGMENTS:
+                raise ProtocolError(f"the peer shared more than {MAX_SEGMENTS} segments")
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if seals & _SEALS != _SEALS or os.fstat(fd).st_size != size:
                 raise ProtocolError("the peer sent a shared memory segment that can change size")
-            self._mappings[segment_id] = mmap.mmap(fd, size)
+            self._mappings[segment_id] = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         except OSError as exc:
             raise ProtocolError(f"cannot map the peer's shared memory segment: {exc}") from exc
         finally:

@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from thenable._future import _PER_THREAD
@@ -48,7 +49,16 @@ from thenable.rpc._protocol import (
     ProtocolError,
 )
 
-__all__ = ("Address", "Listener", "PeerConnection", "connect", "host_id", "local_address")
+__all__ = (
+    "Address",
+    "Authenticated",
+    "Listener",
+    "PeerConnection",
+    "connect",
+    "describe_address",
+    "host_id",
+    "local_address",
+)
 
 _LOGGER = logging.getLogger("thenable.rpc.transport")
 
@@ -80,7 +90,9 @@ class PeerConnection:
         on_message: MessageHandler,
         on_closed: ClosedHandler,
         description: str,
+        descriptors: Sequence[int] = (),
     ) -> None:
+        """``descriptors``: file descriptors received during the handshake; owned from now."""
         self._sock = sock
         self._protocol = protocol
         self.peer_rank = peer_rank  # which worker is on the other end
@@ -98,6 +110,9 @@ class PeerConnection:
         if sock.family == socket.AF_UNIX and _shm.available():
             self._outbox = _shm.Outbox()
             self._inbox = _shm.Inbox()
+            self._inbox.add_descriptors(descriptors)
+        else:
+            _close_all(descriptors)
         # Frames waiting for whoever next holds the send lock (see _enqueue).
         self._queue: collections.deque[list[bytes | memoryview]] = collections.deque()
 
@@ -371,8 +386,13 @@ def _send_all(sock: socket.socket, parts: list[bytes | memoryview], fd: int | No
             views.pop(0)
 
 
-def handshake(sock: socket.socket, protocol: Connection, timeout: float) -> bytes:
-    """Run the handshake on a connected socket; return the peer's identity.
+def handshake(sock: socket.socket, protocol: Connection, timeout: float) -> tuple[bytes, list[int]]:
+    """Run the handshake on a connected socket; return the peer's identity, and the file
+    descriptors that came with the bytes read (the caller owns them).
+
+    The peer may send frames right after its last handshake bytes, and a read here may take
+    them too: the protocol keeps their bytes, and on a Unix-domain socket the descriptor of
+    a staged frame must be kept as well (``_shm``), so it is read with ``recvmsg``.
 
     Raises:
         AuthenticationError: the peer failed authentication.
@@ -381,6 +401,7 @@ def handshake(sock: socket.socket, protocol: Connection, timeout: float) -> byte
         TimeoutError: the handshake took longer than ``timeout``.
         ConnectionError: the peer closed the connection during the handshake.
     """
+    descriptors: list[int] = []
     sock.settimeout(timeout)
     try:
         sock.sendall(protocol.initiate())
@@ -390,14 +411,44 @@ def handshake(sock: socket.socket, protocol: Connection, timeout: float) -> byte
             if out:
                 sock.sendall(out)
             if isinstance(event, HandshakeComplete):
-                return event.peer_identity
+                return event.peer_identity, descriptors
             if event is None:
-                data = sock.recv(65536)
+                if sock.family == socket.AF_UNIX:
+                    data, ancillary, msg_flags, _ = sock.recvmsg(65536, _FD_SPACE)
+                    descriptors += _descriptors(ancillary, msg_flags)
+                    if len(descriptors) > _shm.MAX_PENDING_DESCRIPTORS:
+                        raise ProtocolError("the peer sent file descriptors during the handshake")
+                else:
+                    data = sock.recv(65536)
                 protocol.receive_data(data)
-    except TimeoutError:
-        raise TimeoutError(f"the handshake did not complete within {timeout} s") from None
+    except BaseException as exc:
+        _close_all(descriptors)
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError(f"the handshake did not complete within {timeout} s") from None
+        raise
     finally:
         sock.settimeout(None)
+
+
+def _close_all(descriptors: Sequence[int]) -> None:
+    for fd in descriptors:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class Authenticated:
+    """A connected socket whose handshake completed, ready for a :class:`PeerConnection`."""
+
+    sock: socket.socket
+    protocol: Connection
+    peer_identity: bytes
+    descriptors: list[int]  # received during the handshake (Unix-domain only); owned here
+
+    def close(self) -> None:
+        """Drop it unused."""
+        _close_all(self.descriptors)
+        self.descriptors = []
+        self.sock.close()
 
 
 def host_id() -> str:
@@ -439,8 +490,8 @@ def connect(
     identity: bytes,
     max_frame_bytes: int,
     timeout: float,
-) -> tuple[socket.socket, Connection, bytes]:
-    """Connect to ``address`` and authenticate; return socket, protocol and peer identity.
+) -> Authenticated:
+    """Connect to ``address`` and authenticate.
 
     Raises:
         OSError: the connection could not be made (refused, unreachable, timed out).
@@ -459,11 +510,11 @@ def connect(
     try:
         _tune(sock)
         protocol = Connection(key=key, identity=identity, max_frame_bytes=max_frame_bytes)
-        peer = handshake(sock, protocol, timeout)
+        peer, descriptors = handshake(sock, protocol, timeout)
     except BaseException:
         sock.close()
         raise
-    return sock, protocol, peer
+    return Authenticated(sock, protocol, peer, descriptors)
 
 
 class Listener:
@@ -473,8 +524,8 @@ class Listener:
         address: (host, port) to listen on TCP (port 0: any free port; see ``address``), or
             an abstract Unix-domain name.
         key, identity, max_frame_bytes: this worker's handshake settings.
-        on_accept: called with (socket, protocol, peer identity) of each authenticated peer;
-            it may raise ValueError to refuse the peer (the socket is then closed).
+        on_accept: called with each authenticated peer; it may raise ValueError to refuse the
+            peer (the connection is then closed).
     """
 
     def __init__(
@@ -484,7 +535,7 @@ class Listener:
         key: bytes | None,
         identity: bytes,
         max_frame_bytes: int,
-        on_accept: Callable[[socket.socket, Connection, bytes], None],
+        on_accept: Callable[[Authenticated], None],
     ) -> None:
         self._key = key
         self._identity = identity
@@ -545,8 +596,7 @@ class Listener:
             protocol = Connection(
                 key=self._key, identity=self._identity, max_frame_bytes=self._max_frame_bytes
             )
-            peer = handshake(sock, protocol, HANDSHAKE_TIMEOUT_S)
-            self._on_accept(sock, protocol, peer)
+            peer, descriptors = handshake(sock, protocol, HANDSHAKE_TIMEOUT_S)
         except AuthenticationError as exc:
             _LOGGER.warning("rejected %s: peer failed authentication (%s)", peer_address, exc)
             sock.close()
@@ -556,3 +606,13 @@ class Listener:
         except BaseException:
             _LOGGER.exception("dropped connection from %s", peer_address)
             sock.close()
+        else:
+            accepted = Authenticated(sock, protocol, peer, descriptors)
+            try:
+                self._on_accept(accepted)
+            except ValueError as exc:
+                _LOGGER.warning("dropped connection from %s: %s", peer_address, exc)
+                accepted.close()
+            except BaseException:
+                _LOGGER.exception("dropped connection from %s", peer_address)
+                accepted.close()
