@@ -98,7 +98,9 @@ def shutdown_if_running(timeout: float = 20.0) -> None:
 
 
 def listener_address() -> tuple[str, int]:
-    host, port = _context.require_agent().listener.address
+    address = _context.require_agent().listener.address
+    assert isinstance(address, tuple)
+    host, port = address
     return str(host), int(port)
 
 

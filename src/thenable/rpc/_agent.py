@@ -414,8 +414,11 @@ class Agent:
         peer_name, peer_rank = _parse_identity(peer.peer_identity)
         conn = self._adopt(peer, peer_name, peer_rank)
         with self._lock:
+            # A TCP connection from a same-host worker is only its join: once the table is
+            # known (set_workers, under this lock), calls to it go through a local connection.
+            wanted = conn.is_local or not self._same_host(self._workers.get(peer_rank))
             link = self._links.get(peer_rank)
-            if link is None or link.closed or (conn.is_local and not link.is_local):
+            if wanted and (link is None or link.closed or (conn.is_local and not link.is_local)):
                 self._links[peer_rank] = conn
 
     def _adopt(self, peer: Authenticated, peer_name: str, peer_rank: int) -> PeerConnection:

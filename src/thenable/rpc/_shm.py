@@ -16,7 +16,8 @@ Ownership and cleanup rules
 2. The *sender* creates a segment, sizes it, seals its size (``F_SEAL_SHRINK | F_SEAL_GROW``,
    so the peer can never be made to fault on a truncated mapping), maps it, and passes the
    descriptor to its peer once, attached (``SCM_RIGHTS``) to the first frame staged in it.
-   Both ends close the descriptor at once and keep only their mapping.
+   Both ends then hold only their mapping (and the descriptor CPython's ``mmap`` keeps
+   with it: one per segment and end).
 3. A segment belongs to one connection and one direction.  It is *busy* from the moment the
    sender copies a message into it until the receiver's RELEASE for it arrives; only a free
    segment is written to.
@@ -150,7 +151,7 @@ class Outbox:
         for length in lengths:
             offsets.append(end)
             end = _align_up(end + length)
-        if end < STAGE_MIN_BYTES or end > MAX_SEGMENT_BYTES:
+        if sum(lengths) < STAGE_MIN_BYTES or end > MAX_SEGMENT_BYTES:
             return None
         with self._lock:
             if self._closed:

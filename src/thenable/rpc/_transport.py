@@ -101,7 +101,9 @@ class PeerConnection:
         self._on_closed = on_closed
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
-        self._closing = False  # close() has begun (it runs once)
+        self._closing = False  # close() has begun (it runs once, in _closer)
+        self._closer: threading.Thread | None = None
+        self._closed_event = threading.Event()  # ... and has released everything
         self._closed = False  # ... and no longer sends
         self._reader: threading.Thread | None = None
         # Same-host connections stage large payloads in shared memory (see _shm).
@@ -191,12 +193,13 @@ class PeerConnection:
                 os.close(staged.fd)
 
     def _release(self, segment_id: int) -> None:
-        """Tell the peer that a segment is free (the reader calls this; it never waits).
+        """Queue a RELEASE of a segment, for the reader to send once it has handed the
+        message on (off the critical path), or for any sender to send before then.
 
-        The reader must not block on the send lock: its holder may be waiting for the peer
-        to read, while the peer's reader waits for ours.
+        The reader never waits for the send lock: its holder may be waiting for the peer to
+        read, while the peer's reader waits for ours.
         """
-        self._enqueue(
+        self._queue.append(
             self._protocol.send_message(
                 MessageKind.CONTROL, segment_id, b"", flags=_shm.FLAG_RELEASE
             )
@@ -205,6 +208,10 @@ class PeerConnection:
     def _enqueue(self, frame: list[bytes | memoryview]) -> None:
         """Queue a frame; write it now if the send lock is free, else its holder will."""
         self._queue.append(frame)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Write the queued frames now if the send lock is free, else leave them to its holder."""
         if self._send_lock.acquire(blocking=False):
             self._unlock_send()
 
@@ -249,8 +256,11 @@ class PeerConnection:
         """
         with self._state_lock:
             if self._closing:
+                if self._closer is not threading.current_thread():
+                    self._closed_event.wait()  # return once the connection is really closed
                 return
             self._closing = True
+            self._closer = threading.current_thread()
         locked = self._send_lock.acquire(timeout=_FLUSH_TIMEOUT_S if error is None else 0)
         try:
             if locked and error is None:
@@ -271,6 +281,7 @@ class PeerConnection:
         if self._inbox is not None:
             self._inbox.close()
         self._sock.close()
+        self._closed_event.set()
         self._on_closed(self, error)
 
     # -- reading ------------------------------------------------------------------------------
@@ -318,6 +329,8 @@ class PeerConnection:
                             continue
                         event = unwrapped
                     self._on_message(self, event)
+                    if self._queue:  # a RELEASE queued by _unwrap, sent after the hand-over
+                        self._flush_soon()
                 elif isinstance(event, ConnectionClosed):
                     break
         except ProtocolError as exc:

@@ -1,0 +1,322 @@
+"""What the workers of test_shm.py run: commands (sent by the parent through the harness) and
+the functions they call on each other through thenable.rpc.
+
+Everything here is module-level so that it pickles by reference.  numpy and torch are
+imported inside the functions that need them.  Commands report small summaries (booleans,
+counts, digests), never the large payloads themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from typing import Any
+
+import _harness
+
+from thenable import rpc
+from thenable.rpc import _context
+
+# What a segment's mapping is called in /proc/<pid>/maps (see _shm.Outbox._create).
+MEMFD_NAME = "memfd:thenable-rpc"
+MIB = 1 << 20
+
+# What this worker received through keep_and_echo, by key: the test inspects it later.
+_KEPT: dict[str, Any] = {}
+
+
+# -- commands: lifecycle ------------------------------------------------------------------------
+
+
+def init_worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    *,
+    same_host_ipc: bool = True,
+    rpc_timeout: float = 30.0,
+) -> None:
+    """init_rpc as ``worker{rank}``, rank 0 at tcp://127.0.0.1:port."""
+    rpc.init_rpc(
+        f"worker{rank}",
+        rank=rank,
+        world_size=world_size,
+        rpc_backend_options=rpc.RpcBackendOptions(
+            init_method=f"tcp://127.0.0.1:{port}",
+            rpc_timeout=rpc_timeout,
+            same_host_ipc=same_host_ipc,
+        ),
+    )
+
+
+def shutdown_and_count(graceful: bool = True) -> tuple[int, int]:
+    """Shut RPC down: this worker's segment mappings before, and after once every thenable
+    thread has ended (joined for at most 10 s: a connection that its peer closed at the same
+    time may still be closing in its reader thread when shutdown returns).
+
+    The connections are kept alive meanwhile, so that only their closing can have unmapped
+    their segments (not the garbage collector).
+    """
+    agent = _context.require_agent()
+    with agent._lock:
+        keep = list(agent._all_connections)
+    before = memfd_mappings()
+    rpc.shutdown(graceful=graceful)
+    _harness.join_thenable_threads(10.0)
+    after = memfd_mappings()
+    assert all(conn.closed for conn in keep)
+    return before, after
+
+
+# -- commands: what the process holds -----------------------------------------------------------
+
+
+def memfd_mappings() -> int:
+    """Lines of /proc/self/maps that map a thenable segment."""
+    with open("/proc/self/maps") as maps:
+        return sum(MEMFD_NAME in line for line in maps)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _memfd_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if MEMFD_NAME in line:
+                start, end = line.split(maxsplit=1)[0].split("-")
+                ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _in_shared_memory(value: Any) -> bool:
+    """Whether the memory of an array or tensor (or of any in a tuple) lies in a segment."""
+    if isinstance(value, tuple):
+        return any(_in_shared_memory(item) for item in value)
+    if hasattr(value, "data_ptr"):  # a torch tensor
+        storage = value.untyped_storage()
+        start, size = storage.data_ptr(), storage.nbytes()
+    else:  # a numpy array
+        start, size = value.ctypes.data, value.nbytes
+    return any(start < end and low < start + size for low, end in _memfd_ranges())
+
+
+def connections() -> dict[str, Any]:
+    """This worker's open connections: how many are Unix-domain, and the segments they hold
+    (sender's and receiver's ends together)."""
+    agent = _context.require_agent()
+    with agent._lock:
+        conns = list(agent._all_connections)
+    segments = 0
+    for conn in conns:
+        if conn._outbox is not None:
+            segments += conn._outbox.segment_count()
+        if conn._inbox is not None:
+            segments += conn._inbox.segment_count()
+    return {
+        "local": sum(conn.is_local for conn in conns),
+        "tcp": sum(not conn.is_local for conn in conns),
+        "segments": segments,
+    }
+
+
+def report() -> dict[str, Any]:
+    """Mappings, descriptors and connections of this worker, in one command."""
+    return {"maps": memfd_mappings(), "fds": open_fds(), **connections()}
+
+
+def link_kinds(peers: list[str]) -> dict[str, Any]:
+    """Call every peer once, then say which of this worker's links are Unix-domain."""
+    agent = _context.require_agent()
+    for peer in peers:
+        rpc.rpc_sync(peer, noop)
+    with agent._lock:
+        links = dict(agent._links)
+    return {
+        "is_local": {rank: link.is_local for rank, link in links.items()},
+        "local_listener": agent.local_listener is not None,
+        "published_local": agent.address().local is not None,
+    }
+
+
+_HELD: list[Any] = []
+
+
+def hold_connections() -> int:
+    """Keep this worker's connections alive (until drop_connections), so that only closing
+    them can unmap their segments, not the garbage collector; how many."""
+    agent = _context.require_agent()
+    with agent._lock:
+        _HELD.extend(agent._all_connections)
+    return len(_HELD)
+
+
+def drop_connections() -> None:
+    _HELD.clear()
+
+
+def wait_for_no_mappings(timeout: float) -> tuple[int, float]:
+    """Poll until this worker maps no segment (at most ``timeout``): (mappings, seconds)."""
+    start = time.monotonic()
+    while True:
+        count = memfd_mappings()
+        elapsed = time.monotonic() - start
+        if count == 0 or elapsed > timeout:
+            return count, elapsed
+        time.sleep(0.02)
+
+
+# -- what workers call on each other ------------------------------------------------------------
+
+
+def noop() -> None:
+    return None
+
+
+def echo_value(value: Any) -> Any:
+    return value
+
+
+def keep_and_echo(key: str, value: Any) -> Any:
+    """Keep what arrived (for kept_state / mutate_kept) and send it back."""
+    _KEPT[key] = value
+    return value
+
+
+def kept_state(key: str) -> dict[str, Any]:
+    """The digest of what keep_and_echo kept, and whether it lies in shared memory."""
+    value = _KEPT[key]
+    return {"digest": digest(value), "in_shm": _in_shared_memory(value)}
+
+
+def mutate_kept(key: str) -> str:
+    """Change the kept value in place; its new digest."""
+    mutate(_KEPT[key])
+    return digest(_KEPT[key])
+
+
+# -- payloads -----------------------------------------------------------------------------------
+
+
+def make_payload(kind: str, seed: int, nbytes: int = 8 * MIB) -> Any:
+    """``array`` (uint8), ``tensor`` (torch float32) or ``views`` (two overlapping views of one
+    float64 array) of ``nbytes`` in all, filled from ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if kind == "array":
+        return rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    if kind == "tensor":
+        import torch
+
+        return torch.from_numpy(rng.random(nbytes // 4, dtype=np.float32)).reshape(-1, 1024)
+    if kind == "views":
+        base = rng.random(nbytes // 8)
+        return base[:-1000], base[500:]
+    raise ValueError(kind)
+
+
+def digest(value: Any) -> str:
+    import numpy as np
+
+    if isinstance(value, tuple):
+        return "/".join(digest(item) for item in value)
+    if hasattr(value, "numpy"):  # a torch tensor
+        value = value.numpy()
+    return hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+
+
+def mutate(value: Any) -> None:
+    """Change ``value`` in place (for ``views``: the first view, which the second shares)."""
+    if isinstance(value, tuple):
+        value = value[0]
+    flat = value.reshape(-1)
+    flat[600] += 1
+
+
+def _shares_memory(value: Any) -> bool:
+    import numpy as np
+
+    return bool(np.shares_memory(value[0], value[1]))
+
+
+# -- commands: checks (worker0 calls ``to``) ----------------------------------------------------
+
+
+def check_echo(to: str, kind: str) -> dict[str, Any]:
+    """Echo a large payload through ``to`` and report what the two copies do."""
+    key = f"{kind}-1"
+    sent = make_payload(kind, seed=1)
+    sent_digest = digest(sent)
+    back = rpc.rpc_sync(to, keep_and_echo, args=(key, sent))
+    out: dict[str, Any] = {
+        "type": type(back).__name__,
+        "equal": digest(back) == sent_digest,
+        "back_in_shm": _in_shared_memory(back),
+        "mapped_after_trip": memfd_mappings(),
+    }
+    there = rpc.rpc_sync(to, kept_state, args=(key,))
+    out["there_equal"] = there["digest"] == sent_digest
+    out["there_in_shm"] = there["in_shm"]
+    if kind == "views":
+        out["back_shares"] = _shares_memory(back)
+        out["there_shares"] = rpc.rpc_sync(to, _kept_shares, args=(key,))
+        before = back[1].reshape(-1)[100]
+        mutate(back)  # back[0][600] is back[1][100]
+        out["back_views_linked"] = bool(back[1].reshape(-1)[100] == before + 1)
+    else:
+        mutate(back)
+    mutated_back = digest(back)
+    out["back_changed"] = mutated_back != sent_digest
+    out["there_unchanged_by_back"] = (
+        rpc.rpc_sync(to, kept_state, args=(key,))["digest"] == sent_digest
+    )
+    mutated_there = rpc.rpc_sync(to, mutate_kept, args=(key,))
+    out["there_changed"] = mutated_there != sent_digest
+    out["back_unchanged_by_there"] = digest(back) == mutated_back
+    # The next trips reuse the same segments: neither copy may see them.
+    second = make_payload(kind, seed=2)
+    back2 = rpc.rpc_sync(to, keep_and_echo, args=(f"{kind}-2", second))
+    out["second_equal"] = digest(back2) == digest(second)
+    out["back_intact_after_next_trip"] = digest(back) == mutated_back
+    out["there_intact_after_next_trip"] = (
+        rpc.rpc_sync(to, kept_state, args=(key,))["digest"] == mutated_there
+    )
+    out["sent_unchanged"] = digest(sent) == sent_digest
+    return out
+
+
+def _kept_shares(key: str) -> bool:
+    return _shares_memory(_KEPT[key])
+
+
+def echo_loop(to: str, rounds: int, nbytes: int) -> int:
+    """``rounds`` echoes of ``nbytes`` through ``to``; how many came back wrong."""
+    import numpy as np
+
+    payload = make_payload("array", seed=rounds, nbytes=nbytes)
+    wrong = 0
+    for _ in range(rounds):
+        back = rpc.rpc_sync(to, echo_value, args=(payload,))
+        wrong += not np.array_equal(back, payload)
+    return wrong
+
+
+def echo_in_background(to: str, nbytes: int, signal_after: int) -> None:
+    """Echo large payloads through ``to`` from a thread, without end (until this worker is
+    killed); signal ``echoing`` after ``signal_after`` round trips."""
+
+    def loop() -> None:
+        payload = make_payload("array", seed=7, nbytes=nbytes)
+        done = 0
+        while True:
+            rpc.rpc_sync(to, echo_value, args=(payload,))
+            done += 1
+            if done == signal_after:
+                _harness.signal("echoing", memfd_mappings())
+
+    threading.Thread(target=loop, name="echo-in-background", daemon=True).start()
