@@ -30,6 +30,7 @@ import io
 import mmap
 import pickle
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Callable, Iterable
@@ -147,8 +148,10 @@ class _Block:
 
 def _rebuild_storage(buffer: Any) -> Any:
     """Receiver side of a torch storage block: an UntypedStorage over the received bytes."""
-    import torch
+    import torch  # the receiver may not have imported it yet
 
+    if type(buffer) is bytearray and buffer:  # a small block that travelled in-band
+        return torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
     view = _writable(buffer)
     if not view.nbytes:
         return torch.empty(0, dtype=torch.uint8).untyped_storage()
@@ -229,7 +232,7 @@ def _ndarray_address(array: Any) -> int:
 
 def _rebuild_tensor(
     storage: Any,
-    dtype: Any,
+    dtype_name: str,
     size: tuple[int, ...],
     stride: tuple[int, ...],
     storage_offset: int,
@@ -238,10 +241,24 @@ def _rebuild_tensor(
     """Receiver side of a CPU tensor: a view into the shared storage."""
     import torch
 
+    dtype = getattr(torch, dtype_name)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"torch.{dtype_name} is not a dtype")
     tensor = torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``float32`` for torch.float32: a name pickles faster than the dtype object."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _storage_bytes(storage: Any) -> memoryview:
@@ -274,17 +291,17 @@ class _Pickler(pickle.Pickler):
     ``trim`` (second pass only) maps a region to the byte range its block should cover.
     """
 
-    def __init__(
-        self,
-        file: io.BytesIO,
-        buffers: list[memoryview],
-        trim: dict[_RegionKey, tuple[int, int]] | None = None,
-    ) -> None:
+    def __init__(self) -> None:
+        self._file = io.BytesIO()
+        self._buffers: list[memoryview] = []
         # The callback must not be a bound method of the pickler: that cycle would keep the
         # exported buffers alive until a collection, and a collected memoryview that still
         # has exports makes CPython crash at exit.
-        super().__init__(file, protocol=_PICKLE_PROTOCOL, buffer_callback=_collector(buffers))
-        self._trim = trim
+        super().__init__(
+            self._file, protocol=_PICKLE_PROTOCOL, buffer_callback=_collector(self._buffers)
+        )
+        self.busy = False
+        self._trim: dict[_RegionKey, tuple[int, int]] | None = None
         # The byte range of each region that the arrays/tensors reach.
         self.extents: dict[_RegionKey, tuple[int, int]] = {}
         # Blocks by (region, start, end).  They keep their memory alive, so no address is
@@ -292,10 +309,35 @@ class _Pickler(pickle.Pickler):
         self._blocks: dict[tuple[_RegionKey, int, int], _Block] = {}
         self._ndarray: type | None = None
         self._tensor: type | None = None
+        self._strided: object = None
+
+    def run(
+        self, obj: object, trim: dict[_RegionKey, tuple[int, int]] | None
+    ) -> tuple[bytes, list[memoryview], dict[_RegionKey, tuple[int, int]]]:
+        """One pickling pass: header, buffers and the byte range used in each region.
+
+        Afterwards the pickler holds nothing of ``obj`` (it is reused for the next call).
+        """
+        self.busy = True
+        self._trim = trim
+        self.extents = {}
         # getattr: another thread may be importing numpy or torch right now, and a module
         # that is still initializing has no attributes yet (then none of its objects exist).
         self._ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
-        self._tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        torch = sys.modules.get("torch")
+        self._tensor = getattr(torch, "Tensor", None)
+        self._strided = getattr(torch, "strided", None)
+        try:
+            self.dump(obj)
+            return self._file.getvalue(), self._buffers.copy(), self.extents
+        finally:
+            self.clear_memo()
+            self._blocks.clear()
+            self._buffers.clear()
+            self._file.seek(0)
+            self._file.truncate()
+            self._trim = None
+            self.busy = False
 
     def reducer_override(self, obj: Any) -> Any:
         """Route arrays and tensors to the shared-block reducers; everything else as usual."""
@@ -382,17 +424,18 @@ class _Pickler(pickle.Pickler):
         For strided CPU tensors; sparse, quantized, nested and other layouts use torch's
         own pickling.  CUDA (any non-CPU) tensors are refused.
         """
-        import torch
-
-        if tensor.device.type != "cpu":
+        # Few torch calls: each is cheap warm, but on a busy machine every one is a trip
+        # through cold dispatcher code.
+        if not tensor.is_cpu:
             raise _UnsendableError(
                 f"cannot send a tensor on device {tensor.device}: move it to the CPU first "
                 "(tensor.cpu()); device maps are not supported"
             )
-        if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        if tensor.layout is not self._strided or tensor.is_quantized or tensor.is_nested:
             return NotImplemented
         requires_grad = bool(tensor.requires_grad)
-        tensor = tensor.detach()
+        if requires_grad:
+            tensor = tensor.detach()
         if tensor.is_conj() or tensor.is_neg():
             tensor = tensor.resolve_conj().resolve_neg()  # lazy views; send materialized
         size = tuple(tensor.shape)
@@ -400,7 +443,8 @@ class _Pickler(pickle.Pickler):
         itemsize = tensor.element_size()
         if tensor.numel() == 0:
             empty = _StorageBlock(memoryview(bytearray()))
-            return (_rebuild_tensor, (empty, tensor.dtype, size, stride, 0, requires_grad))
+            dtype = _dtype_name(tensor.dtype)
+            return (_rebuild_tensor, (empty, dtype, size, stride, 0, requires_grad))
         storage = tensor.untyped_storage()
         key = ("torch", storage.data_ptr(), storage.nbytes())
         byte_strides = tuple(n * itemsize for n in stride)
@@ -411,7 +455,8 @@ class _Pickler(pickle.Pickler):
 
         block, start = self._block(key, low, high, make)
         offset = tensor.storage_offset() - start // itemsize
-        return (_rebuild_tensor, (block, tensor.dtype, size, stride, offset, requires_grad))
+        dtype = _dtype_name(tensor.dtype)
+        return (_rebuild_tensor, (block, dtype, size, stride, offset, requires_grad))
 
 
 def _type_name(obj: object) -> str:
@@ -448,26 +493,27 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     return header, buffers
 
 
+_PICKLERS = threading.local()  # .pickler: the thread's reusable _Pickler
+
+
 def _dump(
     obj: object, trim: dict[_RegionKey, tuple[int, int]] | None
 ) -> tuple[bytes, list[memoryview], dict[_RegionKey, tuple[int, int]]]:
-    """One pickling pass: header, buffers and the byte range used in each region."""
-    file = io.BytesIO()
-    buffers: list[memoryview] = []
+    """One pickling pass with this thread's pickler (a new one if it is busy: reentrant)."""
+    pickler: _Pickler | None = getattr(_PICKLERS, "pickler", None)
+    if pickler is None or pickler.busy:
+        pickler = _PICKLERS.pickler = _Pickler()
     try:
-        pickler = _Pickler(file, buffers, trim)
-        pickler.dump(obj)
-    except MemoryError:
+        return pickler.run(obj, trim)
+    except BaseException as exc:
+        _PICKLERS.pickler = None  # start the next call with a clean one
+        if isinstance(exc, _UnsendableError):
+            raise SerializationError(f"cannot serialize {_type_name(obj)} for RPC: {exc}") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, MemoryError):
+            raise SerializationError(
+                f"cannot serialize {_type_name(obj)} for RPC: {exc}; {_hint(obj, exc)}"
+            ) from exc
         raise
-    except _UnsendableError as exc:
-        raise SerializationError(f"cannot serialize {_type_name(obj)} for RPC: {exc}") from exc
-    except Exception as exc:
-        raise SerializationError(
-            f"cannot serialize {_type_name(obj)} for RPC: {exc}; {_hint(obj, exc)}"
-        ) from exc
-    extents = pickler.extents
-    pickler.clear_memo()
-    return file.getvalue(), buffers, extents
 
 
 def loads(header: _Buffer, buffers: Iterable[_Buffer] = ()) -> Any:
