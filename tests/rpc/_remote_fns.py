@@ -595,6 +595,44 @@ def check_nested(count: int) -> list[int]:
     return thenable.futures.wait_all(futures, timeout=WAIT_S)
 
 
+# -- handlers that wait without Future.wait -------------------------------------------------------
+
+
+def call_with(to: str, fn: Any, *args: Any) -> Any:
+    return rpc.rpc_sync(to, fn, args, timeout=WAIT_S)
+
+
+def mark_and_wait_for_gate(tag: str) -> str:
+    """Mark this handler as running, then block on a plain Event until open_gate(tag)."""
+    _gate(tag + ":running").set()
+    return str(wait_for_gate(tag, tag))
+
+
+def gate_marked(tag: str) -> bool:
+    return _gate(tag + ":running").is_set()
+
+
+def check_plain_wait(tag: str) -> str:
+    """On worker0: worker1 blocks on a plain Event in a handler (maybe run by the thread
+    that reads our connection); the call that opens it follows on that same connection."""
+    waiting = rpc.rpc_async("worker1", mark_and_wait_for_gate, args=(tag,))
+    deadline = time.monotonic() + WAIT_S
+    # Ask through worker2 (another connection) until the handler runs.
+    while not rpc.rpc_sync("worker2", call_with, args=("worker1", gate_marked, tag)):
+        assert time.monotonic() < deadline, "the handler never started"
+    rpc.rpc_sync("worker1", open_gate, args=(tag,))
+    return str(waiting.wait(WAIT_S))
+
+
+def poll_a_nested_call() -> int:
+    """On worker1: a nested call waited for by polling ``done()`` (not Future.wait)."""
+    future = rpc.rpc_async("worker0", operator.add, args=(2, 3))
+    deadline = time.monotonic() + WAIT_S
+    while not future.done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return int(future.value())
+
+
 # -- RRefs --------------------------------------------------------------------------------------
 
 

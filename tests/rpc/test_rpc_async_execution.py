@@ -57,6 +57,19 @@ def test_nested_blocking_calls_do_not_deadlock_with_one_thread(group: Group) -> 
     assert results == [(i + 1000) + i * 2 for i in range(count)]
 
 
+def test_a_handler_blocked_on_a_plain_event_does_not_stop_its_connection(group: Group) -> None:
+    """worker1 may run a request in the thread that reads its connection; blocked there on
+    a threading.Event, it must not keep the call that sets the Event from being read."""
+    assert group.call(0, fns.check_plain_wait, "plain") == "plain"
+
+
+def test_a_handler_polling_a_nested_call_gets_its_reply(group: Group) -> None:
+    """A handler that waits for a nested call by polling done() (not Future.wait) gets the
+    reply, even if it arrives on the connection the handler's own request came in on."""
+    for _ in range(3):
+        assert group.call(0, fns.call_with, "worker1", fns.poll_a_nested_call) == 5
+
+
 def test_group_shuts_down_gracefully_after_all_checks(group: Group) -> None:
     """Last test of the module: every worker's graceful shutdown completes."""
     group.call_all(fns.shutdown_worker, True, 20.0)

@@ -469,7 +469,10 @@ class Agent:
         if kind is MessageKind.REQUEST:
             with self._lock:
                 self._unanswered += 1
-            self.pool.submit(self._serve, link, message)
+            if link.may_run_inline():
+                link.run_inline(self._serve, link, message)
+            else:
+                self.pool.submit(self._serve, link, message)
         elif kind is MessageKind.RESPONSE or kind is MessageKind.ERROR_RESPONSE:
             self._on_reply(link, message)
         else:
@@ -614,6 +617,12 @@ class _LocalLink:
 
     def __repr__(self) -> str:
         return f"<local link of {self._agent.name}>"
+
+    def may_run_inline(self) -> bool:
+        return False  # the caller's thread: calls to oneself run on the pool
+
+    def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
+        raise AssertionError("calls to oneself are never run inline")
 
     def send(
         self,

@@ -622,6 +622,11 @@ class Connection:
             self._fail(str(exc))
             raise
 
+    def has_buffered_data(self) -> bool:
+        """Whether bytes of another frame have been received and not yet returned as an event
+        (next_event() may then have more to give without new data)."""
+        return self._available() > 0 or self._rx is not _Rx.FRAME_HEADER or self._eof
+
     def _fail(self, message: str) -> None:
         """Enter the ERROR state and drop everything buffered."""
         self._state = ConnectionState.ERROR

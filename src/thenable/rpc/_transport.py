@@ -33,6 +33,8 @@ import secrets
 import socket
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -101,6 +103,8 @@ class PeerConnection:
         self._on_closed = on_closed
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
+        # When the reader began running a request itself (run_inline), or None.
+        self._inline_since: float | None = None
         self._closing = False  # close() has begun (it runs once, in _closer)
         self._closer: threading.Thread | None = None
         self._closed_event = threading.Event()  # ... and has released everything
@@ -292,12 +296,60 @@ class PeerConnection:
         )
         self._reader = reader
         reader.start()
+        _WATCHDOG.watch(self)
+
+    def _take_over(self, reader: threading.Thread, inline_before: float | None = None) -> None:
+        """If ``reader`` still reads this connection, let a new thread read from now on
+        (``reader`` stops reading once its current message is handled).
+
+        With ``inline_before``, only if ``reader`` is running a request inline that it began
+        before then: a reader back in ``recv`` must keep the connection to itself.
+        """
+        with self._state_lock:
+            if self._reader is not reader or self._closing:
+                return
+            if inline_before is not None:
+                since = self._inline_since
+                if since is None or since > inline_before:
+                    return
+            self._inline_since = None
+            self._start_reader()
 
     def _hand_off(self) -> Callable[[], None]:
         """The reader is about to block in a callback: let a new thread read meanwhile."""
-        if self._reader is threading.current_thread() and not self._closed:
-            self._start_reader()
+        self._take_over(threading.current_thread())
         return _noop
+
+    def may_run_inline(self) -> bool:
+        """Whether the calling thread may run a received request itself: it is the reader,
+        and no other frame is waiting (those go to a pool, where they run concurrently)."""
+        return threading.current_thread() is self._reader and not self._protocol.has_buffered_data()
+
+    def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a request in the reader thread, which saves a thread switch per call.
+
+        While it runs, nothing else is read from this connection; so if it blocks in
+        ``Future.wait`` (through ``on_block``) or runs longer than ``INLINE_PATIENCE_S``
+        (the watchdog), another thread takes over the reading.  A slow or blocking handler
+        therefore delays the peer's next messages by at most that long, and a handler that
+        waits for a reply arriving on this very connection still gets it.
+        """
+        me = threading.current_thread()
+        with self._state_lock:
+            self._inline_since = time.monotonic()
+        try:
+            fn(*args)
+        finally:
+            with self._state_lock:
+                if self._reader is me:
+                    self._inline_since = None
+
+    def _check_inline(self, now: float) -> None:
+        """The watchdog's look: take the reading over from a handler run inline too long."""
+        since = self._inline_since
+        reader = self._reader
+        if since is not None and reader is not None and now - since >= INLINE_PATIENCE_S:
+            self._take_over(reader, inline_before=now - INLINE_PATIENCE_S)
 
     def _read_loop(self) -> None:
         _PER_THREAD.on_block = self._hand_off
@@ -360,6 +412,44 @@ class PeerConnection:
 
 def _noop() -> None:
     return None
+
+
+INLINE_PATIENCE_S = 0.01
+"""How long a request run by a connection's reader may keep others from being read."""
+
+
+class _Watchdog:
+    """One thread per process that, every ``INLINE_PATIENCE_S`` while any connection is
+    open, hands reading to a new thread where a request run inline has taken too long."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: weakref.WeakSet[PeerConnection] = weakref.WeakSet()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: PeerConnection) -> None:
+        with self._lock:
+            self._connections.add(conn)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="thenable-rpc-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(INLINE_PATIENCE_S)  # a periodic look, like a scheduler tick
+            with self._lock:
+                connections = [c for c in self._connections if not c.closed]
+                if not connections:
+                    self._thread = None
+                    return
+            now = time.monotonic()
+            for conn in connections:
+                conn._check_inline(now)
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _descriptors(ancillary: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:

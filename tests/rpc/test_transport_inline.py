@@ -1,0 +1,145 @@
+"""Requests run by a connection's reader (``PeerConnection.run_inline``) never stall it.
+
+Two connected ``PeerConnection``s over a socket pair.  The receiving end runs every request
+inline when it may, the way the agent does; a request that blocks (on a plain Event, not a
+Future) must not keep the next one from being read: after ``INLINE_PATIENCE_S`` the watchdog
+lets another thread read.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from thenable.rpc import _transport
+from thenable.rpc._protocol import Connection, Message, MessageKind
+from thenable.rpc._transport import PeerConnection
+
+WAIT_S = 10.0
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def _handshaken(a: socket.socket, b: socket.socket) -> tuple[Connection, Connection]:
+    """Both ends' protocols after a handshake (run in two threads, as the two workers do)."""
+    protocols: dict[str, Connection] = {}
+
+    def side(name: str, sock: socket.socket) -> None:
+        protocol = Connection(key=None, identity=name.encode())
+        _transport.handshake(sock, protocol, WAIT_S)
+        protocols[name] = protocol
+
+    other = threading.Thread(target=side, args=("b", b))
+    other.start()
+    side("a", a)
+    other.join(WAIT_S)
+    return protocols["a"], protocols["b"]
+
+
+def test_a_blocked_inline_request_does_not_stop_the_next_from_being_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    sender_sock, receiver_sock = pair
+    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
+    gate = threading.Event()
+    entered = threading.Event()
+    ran_in: dict[int, str] = {}
+    done: dict[int, bool] = {}
+    finished = threading.Event()
+    closed: list[BaseException | None] = []
+
+    def handle(message: Message) -> None:
+        ran_in[message.request_id] = threading.current_thread().name
+        if message.request_id == 1:
+            entered.set()
+            done[1] = gate.wait(WAIT_S)  # a plain Event: no Future.wait, no on_block hand-off
+        else:
+            gate.set()
+            done[2] = True
+        if len(done) == 2:
+            finished.set()
+
+    def on_message(conn: PeerConnection, message: Message) -> None:
+        if conn.may_run_inline():
+            conn.run_inline(handle, message)
+        else:
+            threading.Thread(target=handle, args=(message,)).start()
+
+    receiver = PeerConnection(
+        receiver_sock,
+        receiver_protocol,
+        0,
+        on_message=on_message,
+        on_closed=lambda _, error: closed.append(error),
+        description="sender",
+    )
+    sender = PeerConnection(
+        sender_sock,
+        sender_protocol,
+        1,
+        on_message=lambda *_: None,
+        on_closed=lambda *_: None,
+        description="receiver",
+    )
+    receiver.start()
+    sender.start()
+    try:
+        sender.send(MessageKind.REQUEST, 1, b"first")
+        assert entered.wait(WAIT_S)
+        # The first request is running in the reader thread, blocked until the second runs.
+        assert "reader" in ran_in[1]
+        sender.send(MessageKind.REQUEST, 2, b"second")
+        assert finished.wait(WAIT_S), f"the second request was never read: {ran_in}"
+        assert done == {1: True, 2: True}
+        assert "reader" in ran_in[2]  # read (and run) by the thread that took over
+    finally:
+        gate.set()
+        sender.close()
+        receiver.close()
+    assert closed == [None] or closed == []
+
+
+def test_may_run_inline_only_in_the_reader_and_with_nothing_buffered(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    sender_sock, receiver_sock = pair
+    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
+    seen: list[tuple[int, bool]] = []
+    all_seen = threading.Event()
+
+    def on_message(conn: PeerConnection, message: Message) -> None:
+        seen.append((message.request_id, conn.may_run_inline()))
+        if len(seen) == 3:
+            all_seen.set()
+
+    receiver = PeerConnection(
+        receiver_sock,
+        receiver_protocol,
+        0,
+        on_message=on_message,
+        on_closed=lambda *_: None,
+        description="sender",
+    )
+    assert not receiver.may_run_inline()  # not the reader thread
+    # Three frames in one write: the reader sees the first two with more data behind them.
+    frames = b"".join(
+        bytes(part)
+        for request_id in (1, 2, 3)
+        for part in sender_protocol.send_message(MessageKind.REQUEST, request_id, b"x")
+    )
+    sender_sock.sendall(frames)
+    receiver.start()
+    try:
+        assert all_seen.wait(WAIT_S)
+        assert seen == [(1, False), (2, False), (3, True)]
+    finally:
+        receiver.close()
