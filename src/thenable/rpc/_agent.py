@@ -306,6 +306,20 @@ class Agent:
             record.sent()
         return future
 
+    def notify(self, to_rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Send ``fn(*args)`` to ``to_rank`` with no reply: for quick internal bookkeeping.
+
+        The receiver runs it in the thread that reads the connection, before it reads the
+        next message, so a later request on the same connection sees its effect.  Failures
+        there are logged.
+
+        Raises:
+            ConnectionError: the worker cannot be reached.
+            SerializationError: an argument cannot be pickled.
+        """
+        header, buffers = dumps((fn, args, {}))
+        self._link_to(to_rank).send(MessageKind.NOTIFY, 0, header, buffers)
+
     def _expire(self, request_id: int, timeout: float) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
@@ -475,6 +489,8 @@ class Agent:
                 self.pool.submit(self._serve, link, message)
         elif kind is MessageKind.RESPONSE or kind is MessageKind.ERROR_RESPONSE:
             self._on_reply(link, message)
+        elif kind is MessageKind.NOTIFY:
+            self._on_notification(link, message)
         else:
             _LOGGER.warning("ignoring a %s message from %r", kind.name, link)
 
@@ -498,6 +514,14 @@ class Agent:
             exception = RuntimeError(f"RPC {pending.describe(self)}: cannot load the reply: {exc}")
             exception.__cause__ = exc
         pending.future._complete(value, exception)
+
+    def _on_notification(self, link: Any, message: Message) -> None:
+        try:
+            with _context.receiving(self, link.peer_rank):
+                fn, args, kwargs = loads(message.header, message.buffers)
+            fn(*args, **kwargs)
+        except Exception:
+            _LOGGER.exception("a notification from %r failed", link)
 
     def _serve(self, link: Any, message: Message) -> None:
         """Run one incoming request on this (pool) thread and send its reply."""

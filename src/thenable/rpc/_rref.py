@@ -16,9 +16,10 @@ The owner keeps a value while at least one fork is registered, and drops it when
      the owner with an ``_add_fork`` call, and keeps its own RRef alive until the owner answers.
 - When an RRef object is garbage collected, its fork is released: the id goes onto a queue
   (``__del__`` must not take locks or do I/O) that a background thread sends to the owner in
-  batches.  A release can overtake its fork's registration (case 3); the owner then remembers
-  it and cancels the registration when it comes.
-- Shutdown flushes the queue before the barrier, then drops every table: nothing outlives RPC.
+  batches, as one-way notifications.  A release can overtake its fork's registration (case
+  3); the owner then remembers it and cancels the registration when it comes.
+- Shutdown flushes the queue before the barrier (with calls that each owner answers once the
+  releases are applied), then drops every table: nothing outlives RPC.
 A worker that dies keeps its forks registered; their values live until the owner shuts down.
 """
 
@@ -80,6 +81,7 @@ class OwnerTable:
         # Releases that arrived before their fork was registered (case 3 of the protocol).
         self._early: set[tuple[RRefId, ForkId]] = set()
         self._releases: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._notified: set[int] = set()  # owners sent releases since the last flush
         self._releaser = threading.Thread(
             target=self._send_releases, name=f"thenable-rpc-rref-{agent.name}", daemon=True
         )
@@ -196,24 +198,36 @@ class OwnerTable:
                 except queue.Empty:
                     break
             try:
-                self._release(batch)
+                self._release(batch, confirmed=bool(markers or stop))
             finally:
                 for marker in markers:  # flush() must never hang, whatever happened above
                     marker.set_result(None)
             if stop:
                 return
 
-    def _release(self, batch: dict[int, list[tuple[RRefId, ForkId]]]) -> None:
-        """Apply releases here, or send them to their owners and wait for the answers."""
+    def _release(self, batch: dict[int, list[tuple[RRefId, ForkId]]], confirmed: bool) -> None:
+        """Apply releases here, or send them to their owners: as one-way notifications, or
+        (``confirmed``, for ``flush``) as calls whose answers say they were applied.
+
+        A confirmed round also calls every owner notified since the last one: it applies
+        notifications before it reads the call that follows them on the connection.
+        """
         agent = self._agent
         sent: list[tuple[int, Future[Any]]] = []
+        if confirmed:
+            for owner in self._notified - batch.keys():
+                batch[owner] = []
+            self._notified.clear()
         for owner, forks in batch.items():
             try:
                 if owner == agent.rank:
                     for rref_id, fork in forks:
                         self.release(rref_id, fork)
-                else:
+                elif confirmed:
                     sent.append((owner, agent.call(owner, _release_forks, (forks,), {}, 0)))
+                else:
+                    agent.notify(owner, _release_forks, (forks,))
+                    self._notified.add(owner)
             except Exception as exc:  # e.g. shut down meanwhile: log, and go on with the rest
                 _LOGGER.info("releasing RRefs owned by rank %d failed: %s", owner, exc)
         for owner, done in sent:
