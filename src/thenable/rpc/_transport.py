@@ -166,10 +166,8 @@ class PeerConnection:
             staged = self._outbox.stage(buffers) if self._outbox is not None else None
             if staged is None:
                 parts = self._protocol.send_message(kind, request_id, header, buffers)
-                self._write_queued()  # frames queued before this one go first
-                _send_all(self._sock, parts)
+                _send_all(self._sock, self._take_queued() + parts)  # queued frames go first
             else:
-                self._write_queued()
                 self._send_staged(kind, request_id, header, staged)
         except OSError as exc:
             error = exc
@@ -188,7 +186,9 @@ class PeerConnection:
             parts = self._protocol.send_message(
                 kind, request_id, header, [memoryview(staged.descriptor)], flags=_shm.FLAG_STAGED
             )
-            _send_all(self._sock, parts, staged.fd)
+            # The descriptor arrives with the queued frames' bytes, and waits in the peer's
+            # Inbox for this frame.
+            _send_all(self._sock, self._take_queued() + parts, staged.fd)
         except BaseException:
             self._outbox.abandon(staged)
             raise
@@ -197,8 +197,9 @@ class PeerConnection:
                 os.close(staged.fd)
 
     def _release(self, segment_id: int) -> None:
-        """Queue a RELEASE of a segment, for the reader to send once it has handed the
-        message on (off the critical path), or for any sender to send before then.
+        """Queue a RELEASE of a segment: it goes out with the next frame sent on this
+        connection (in the same system call, often a reply), or within
+        ``INLINE_PATIENCE_S`` from the watchdog if nothing is sent meanwhile.
 
         The reader never waits for the send lock: its holder may be waiting for the peer to
         read, while the peer's reader waits for ours.
@@ -221,12 +222,16 @@ class PeerConnection:
 
     def _write_queued(self) -> None:
         """Write every queued frame, many per system call (send lock held)."""
+        while self._queue:
+            _send_all(self._sock, self._take_queued())
+
+    def _take_queued(self) -> list[bytes | memoryview]:
+        """The parts of (up to ``_IOV_MAX`` parts' worth of) queued frames, in order."""
         queue = self._queue
-        while queue:
-            batch: list[bytes | memoryview] = []
-            while queue and len(batch) < _IOV_MAX:
-                batch += queue.popleft()
-            _send_all(self._sock, batch)
+        batch: list[bytes | memoryview] = []
+        while queue and len(batch) < _IOV_MAX:
+            batch += queue.popleft()
+        return batch
 
     def _unlock_send(self) -> None:
         """Write the queued frames, then release the send lock.
@@ -381,8 +386,6 @@ class PeerConnection:
                             continue
                         event = unwrapped
                     self._on_message(self, event)
-                    if self._queue:  # a RELEASE queued by _unwrap, sent after the hand-over
-                        self._flush_soon()
                 elif isinstance(event, ConnectionClosed):
                     break
         except ProtocolError as exc:
@@ -420,7 +423,8 @@ INLINE_PATIENCE_S = 0.01
 
 class _Watchdog:
     """One thread per process that, every ``INLINE_PATIENCE_S`` while any connection is
-    open, hands reading to a new thread where a request run inline has taken too long."""
+    open, hands reading to a new thread where a request run inline has taken too long, and
+    writes frames that were left queued for a sender that did not come."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -447,6 +451,8 @@ class _Watchdog:
             now = time.monotonic()
             for conn in connections:
                 conn._check_inline(now)
+                if conn._queue:  # frames left for the next sender (segment RELEASEs)
+                    conn._flush_soon()
 
 
 _WATCHDOG = _Watchdog()
