@@ -1,20 +1,21 @@
-"""Requests run by a connection's reader (``PeerConnection.run_inline``) never stall it.
+"""What the transport's watchdog guarantees, on two ``PeerConnection``s over a socket pair.
 
-Two connected ``PeerConnection``s over a socket pair.  The receiving end runs every request
-inline when it may, the way the agent does; a request that blocks (on a plain Event, not a
-Future) must not keep the next one from being read: after ``INLINE_PATIENCE_S`` the watchdog
-lets another thread read.
+- A request run by a connection's reader (``run_inline``, as the agent does when nothing else
+  is waiting) that blocks on a plain Event, not a Future, does not keep the next request from
+  being read: after ``INLINE_PATIENCE_S`` another thread reads.
+- A segment RELEASE with no frame to ride on is still sent.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from thenable.rpc import _transport
+from thenable.rpc import _shm, _transport
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._transport import PeerConnection
 
@@ -142,4 +143,45 @@ def test_may_run_inline_only_in_the_reader_and_with_nothing_buffered(
         assert all_seen.wait(WAIT_S)
         assert seen == [(1, False), (2, False), (3, True)]
     finally:
+        receiver.close()
+
+
+@pytest.mark.skipif(not _shm.available(), reason="needs memfd and file sealing")
+def test_a_release_with_no_frame_to_ride_on_still_goes_out(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A segment RELEASE waits for the next frame on the connection; when none comes (a
+    one-way transfer), the watchdog sends it, and the sender's segment is free again."""
+    sender_sock, receiver_sock = pair
+    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
+    arrived = threading.Event()
+    receiver = PeerConnection(
+        receiver_sock,
+        receiver_protocol,
+        0,
+        on_message=lambda *_: arrived.set(),
+        on_closed=lambda *_: None,
+        description="sender",
+    )
+    sender = PeerConnection(
+        sender_sock,
+        sender_protocol,
+        1,
+        on_message=lambda *_: None,
+        on_closed=lambda *_: None,
+        description="receiver",
+    )
+    receiver.start()
+    sender.start()
+    try:
+        sender.send(MessageKind.NOTIFY, 0, b"big", [memoryview(bytes(_shm.STAGE_MIN_BYTES))])
+        assert arrived.wait(WAIT_S)
+        outbox = sender._outbox
+        assert outbox is not None and outbox.segment_count() == 1
+        deadline = time.monotonic() + WAIT_S
+        while not outbox.free_count():
+            assert time.monotonic() < deadline, "the RELEASE never arrived"
+            time.sleep(0.001)
+    finally:
+        sender.close()
         receiver.close()

@@ -231,6 +231,11 @@ class Outbox:
         with self._lock:
             return len(self._segments)
 
+    def free_count(self) -> int:
+        """Segments not waiting for the peer's RELEASE."""
+        with self._lock:
+            return sum(not s.busy for s in self._segments.values())
+
     def close(self) -> None:
         """Unmap every segment; later ``stage`` calls return None."""
         with self._lock:

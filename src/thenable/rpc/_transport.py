@@ -451,8 +451,11 @@ class _Watchdog:
             now = time.monotonic()
             for conn in connections:
                 conn._check_inline(now)
-                if conn._queue:  # frames left for the next sender (segment RELEASEs)
-                    conn._flush_soon()
+                if conn._queue:  # frames left for a sender that did not come (RELEASEs)
+                    # In a thread of its own: a write can block, and this thread must not.
+                    threading.Thread(
+                        target=conn._flush_soon, name="thenable-rpc-flush", daemon=True
+                    ).start()
 
 
 _WATCHDOG = _Watchdog()
