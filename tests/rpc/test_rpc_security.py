@@ -18,7 +18,7 @@ import _remote_fns as fns
 import pytest
 from _harness import Group
 
-from thenable.rpc import _transport
+from thenable.rpc import _sockets
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._serialize import dumps, loads
 
@@ -79,7 +79,7 @@ def _assert_dropped(sock: socket.socket) -> None:
 
 def _call_through(address: tuple[str, int]) -> object:
     """A well-behaved peer: a fresh authenticated connection, one REQUEST, its RESPONSE."""
-    peer = _transport.connect(
+    peer = _sockets.connect(
         address, key=KEY.encode(), identity=PROBE_IDENTITY, max_frame_bytes=1 << 20, timeout=10
     )
     sock, protocol, identity = peer.sock, peer.protocol, peer.peer_identity
@@ -151,7 +151,7 @@ def test_frame_claiming_2_to_the_40_bytes_is_dropped(
     group: Group, address: tuple[str, int], where: str
 ) -> None:
     """After a correct handshake, a frame header announcing a 1 TiB frame."""
-    sock = _transport.connect(
+    sock = _sockets.connect(
         address, key=KEY.encode(), identity=PROBE_IDENTITY, max_frame_bytes=1 << 20, timeout=10
     ).sock
     with sock:

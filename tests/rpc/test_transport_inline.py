@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from thenable.rpc import _shm, _transport
+from thenable.rpc import _shm, _sockets
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._transport import PeerConnection
 
@@ -36,7 +36,7 @@ def _handshaken(a: socket.socket, b: socket.socket) -> tuple[Connection, Connect
 
     def side(name: str, sock: socket.socket) -> None:
         protocol = Connection(key=None, identity=name.encode())
-        _transport.handshake(sock, protocol, WAIT_S)
+        _sockets.handshake(sock, protocol, WAIT_S)
         protocols[name] = protocol
 
     other = threading.Thread(target=side, args=("b", b))

@@ -38,16 +38,16 @@ from thenable.rpc._options import RpcBackendOptions, WorkerInfo
 from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
 from thenable.rpc._serialize import dumps, dumps_exception, loads, loads_exception
-from thenable.rpc._transport import (
+from thenable.rpc._sockets import (
     Address,
     Authenticated,
     Listener,
-    PeerConnection,
     connect,
     describe_address,
     host_id,
     local_address,
 )
+from thenable.rpc._transport import PeerConnection
 from thenable.rpc.functions import is_async_execution
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
