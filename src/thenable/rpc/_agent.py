@@ -132,6 +132,7 @@ class Agent:
         # Requests received and not yet answered; shutdown waits for them to reach zero.
         self._unanswered = 0
         self._answered = threading.Condition(self._lock)
+        self._awaiting_answers = 0  # threads in wait_answered()
         self._workers: dict[int, WorkerAddress] = {}
         self._ranks_by_name: dict[str, int] = {}
         self._links: dict[int, Any] = {}  # rank -> PeerConnection in use for requests to it
@@ -582,20 +583,25 @@ class Agent:
         finally:
             with self._lock:
                 self._unanswered -= 1
-                if not self._unanswered:
+                if not self._unanswered and self._awaiting_answers:
                     self._answered.notify_all()
         return True
 
     def wait_answered(self, deadline: float | None) -> None:
         """Block until every request received so far has been answered (or ``deadline``)."""
         with self._lock:
-            while self._unanswered:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(
-                        f"{self._unanswered} request(s) to worker {self.name!r} still unanswered"
-                    )
-                self._answered.wait(left)
+            self._awaiting_answers += 1
+            try:
+                while self._unanswered:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(
+                            f"{self._unanswered} request(s) to worker {self.name!r} still "
+                            "unanswered"
+                        )
+                    self._answered.wait(left)
+            finally:
+                self._awaiting_answers -= 1
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -671,7 +677,9 @@ class _Deadlines:
     def __init__(self, name: str, expire: Callable[[int, float], None]) -> None:
         self._queues: dict[float, OrderedDict[int, float]] = {}
         self._expire = expire
-        self._condition = threading.Condition(threading.Lock())
+        # add() and cancel() take the plain lock (cheaper than entering the Condition).
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
         self._closed = False
         self._name = name
         self._thread: threading.Thread | None = None
@@ -680,7 +688,7 @@ class _Deadlines:
 
     def add(self, request_id: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with self._condition:
+        with self._lock:
             if self._closed:
                 return
             queue = self._queues.get(timeout)
@@ -695,7 +703,7 @@ class _Deadlines:
                 self._thread.start()
 
     def cancel(self, request_id: int, timeout: float) -> None:
-        with self._condition:
+        with self._lock:
             queue = self._queues.get(timeout)
             if queue is not None:
                 queue.pop(request_id, None)

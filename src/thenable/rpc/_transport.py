@@ -306,7 +306,12 @@ class PeerConnection:
     def may_run_inline(self) -> bool:
         """Whether the calling thread may run a received request itself: it is the reader,
         and no other frame is waiting (those go to a pool, where they run concurrently)."""
-        return threading.current_thread() is self._reader and not self._protocol.has_buffered_data()
+        reader = self._reader
+        return (
+            reader is not None
+            and reader.ident == threading.get_ident()
+            and not self._protocol.has_buffered_data()
+        )
 
     def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a request in the reader thread, which saves a thread switch per call.
