@@ -8,6 +8,7 @@ counts, digests), never the large payloads themselves.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import threading
@@ -83,7 +84,8 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def _memfd_ranges() -> list[tuple[int, int]]:
+def memfd_ranges() -> list[tuple[int, int]]:
+    """The address ranges of this process's segment mappings (start, end)."""
     ranges = []
     with open("/proc/self/maps") as maps:
         for line in maps:
@@ -102,26 +104,42 @@ def _in_shared_memory(value: Any) -> bool:
         start, size = storage.data_ptr(), storage.nbytes()
     else:  # a numpy array
         start, size = value.ctypes.data, value.nbytes
-    return any(start < end and low < start + size for low, end in _memfd_ranges())
+    return any(start < end and low < start + size for low, end in memfd_ranges())
+
+
+def _open_connections() -> list[Any]:
+    agent = _context.require_agent()
+    with agent._lock:
+        return list(agent._all_connections)
 
 
 def connections() -> dict[str, Any]:
-    """This worker's open connections: how many are Unix-domain, and the segments they hold
-    (sender's and receiver's ends together)."""
-    agent = _context.require_agent()
-    with agent._lock:
-        conns = list(agent._all_connections)
-    segments = 0
-    for conn in conns:
-        if conn._outbox is not None:
-            segments += conn._outbox.segment_count()
-        if conn._inbox is not None:
-            segments += conn._inbox.segment_count()
+    """This worker's open connections: how many are Unix-domain, the segments they hold
+    (sender's and receiver's ends together), the most one connection holds at each end,
+    and how many of the sending ends' segments wait for the peer's RELEASE."""
+    conns = _open_connections()
+    outboxes = [conn._outbox for conn in conns if conn._outbox is not None]
+    inboxes = [conn._inbox for conn in conns if conn._inbox is not None]
+    sending = [outbox.segment_count() for outbox in outboxes]
+    receiving = [inbox.segment_count() for inbox in inboxes]
     return {
         "local": sum(conn.is_local for conn in conns),
         "tcp": sum(not conn.is_local for conn in conns),
-        "segments": segments,
+        "segments": sum(sending) + sum(receiving),
+        "max_sending": max(sending, default=0),
+        "max_receiving": max(receiving, default=0),
+        "busy": busy_segments(),
     }
+
+
+def busy_segments() -> int:
+    """Segments of this worker's sending ends that wait for the peer's RELEASE: as many as
+    the messages that the peers still hold."""
+    busy = 0
+    for conn in _open_connections():
+        if conn._outbox is not None:
+            busy += conn._outbox.segment_count() - conn._outbox.free_count()
+    return busy
 
 
 def report() -> dict[str, Any]:
@@ -159,6 +177,33 @@ def drop_connections() -> None:
     _HELD.clear()
 
 
+def wait_until_idle(timeout: float) -> tuple[int, float]:
+    """Poll until no segment of this worker's sending ends is busy (its peers hold nothing
+    it sent, and their RELEASEs have arrived), at most ``timeout``: (busy, seconds)."""
+    start = time.monotonic()
+    while True:
+        busy = busy_segments()
+        elapsed = time.monotonic() - start
+        if busy == 0 or elapsed > timeout:
+            return busy, elapsed
+        time.sleep(0.005)
+
+
+def drop_kept() -> int:
+    """Drop what keep_and_echo kept (and collect any garbage that still refers to it): the
+    segments it was lent from go back to their senders.  How many values were dropped."""
+    dropped = len(_KEPT)
+    _KEPT.clear()
+    gc.collect()
+    return dropped
+
+
+def drop_kept_and_count() -> int:
+    """drop_kept, then this worker's segment mappings."""
+    drop_kept()
+    return memfd_mappings()
+
+
 def wait_for_no_mappings(timeout: float) -> tuple[int, float]:
     """Poll until this worker maps no segment (at most ``timeout``): (mappings, seconds)."""
     start = time.monotonic()
@@ -188,7 +233,8 @@ def keep_and_echo(key: str, value: Any) -> Any:
 
 
 def kept_state(key: str) -> dict[str, Any]:
-    """The digest of what keep_and_echo kept, and whether it lies in shared memory."""
+    """The digest of what keep_and_echo kept, and whether it lies in shared memory (also a
+    command: it works after shutdown)."""
     value = _KEPT[key]
     return {"digest": digest(value), "in_shm": _in_shared_memory(value)}
 
@@ -248,7 +294,11 @@ def _shares_memory(value: Any) -> bool:
 
 
 def check_echo(to: str, kind: str) -> dict[str, Any]:
-    """Echo a large payload through ``to`` and report what the two copies do."""
+    """Echo a large payload through ``to`` and report what the two copies do.
+
+    Both received copies are lent by their receivers' segments (``back_in_shm`` here,
+    ``there_in_shm`` in ``to``), in different segments: each end's own sending segments.
+    """
     key = f"{kind}-1"
     sent = make_payload(kind, seed=1)
     sent_digest = digest(sent)
@@ -304,6 +354,20 @@ def echo_loop(to: str, rounds: int, nbytes: int) -> int:
         back = rpc.rpc_sync(to, echo_value, args=(payload,))
         wrong += not np.array_equal(back, payload)
     return wrong
+
+
+def keep_many(to: str, count: int, nbytes: int) -> list[dict[str, Any]]:
+    """Send ``count`` payloads to ``to``, which keeps each (as ``many-{i}``); per trip: the
+    payload's digest, whether the echo came back equal, and how many of this worker's
+    sending segments are busy afterwards (the echo itself is dropped at once)."""
+    trips = []
+    for i in range(count):
+        payload = make_payload("array", seed=100 + i, nbytes=nbytes)
+        back = rpc.rpc_sync(to, keep_and_echo, args=(f"many-{i}", payload))
+        trips.append({"digest": digest(payload), "equal": digest(back) == digest(payload)})
+        del back
+        trips[-1]["busy"] = busy_segments()
+    return trips
 
 
 def echo_in_background(to: str, nbytes: int, signal_after: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,11 +46,38 @@ def _handshaken(a: socket.socket, b: socket.socket) -> tuple[Connection, Connect
     return protocols["a"], protocols["b"]
 
 
+def _connected(
+    pair: tuple[socket.socket, socket.socket],
+    on_message: Callable[[PeerConnection, Message], None],
+    on_closed: Callable[[PeerConnection, BaseException | None], None] = lambda *_: None,
+) -> tuple[PeerConnection, PeerConnection]:
+    """(sender, receiver), both started; the receiver's messages go to ``on_message``."""
+    sender_sock, receiver_sock = pair
+    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
+    receiver = PeerConnection(
+        receiver_sock,
+        receiver_protocol,
+        0,
+        on_message=on_message,
+        on_closed=on_closed,
+        description="sender",
+    )
+    sender = PeerConnection(
+        sender_sock,
+        sender_protocol,
+        1,
+        on_message=lambda *_: None,
+        on_closed=lambda *_: None,
+        description="receiver",
+    )
+    receiver.start()
+    sender.start()
+    return sender, receiver
+
+
 def test_a_blocked_inline_request_does_not_stop_the_next_from_being_read(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    sender_sock, receiver_sock = pair
-    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
     gate = threading.Event()
     entered = threading.Event()
     ran_in: dict[int, str] = {}
@@ -75,24 +102,7 @@ def test_a_blocked_inline_request_does_not_stop_the_next_from_being_read(
         else:
             threading.Thread(target=handle, args=(message,)).start()
 
-    receiver = PeerConnection(
-        receiver_sock,
-        receiver_protocol,
-        0,
-        on_message=on_message,
-        on_closed=lambda _, error: closed.append(error),
-        description="sender",
-    )
-    sender = PeerConnection(
-        sender_sock,
-        sender_protocol,
-        1,
-        on_message=lambda *_: None,
-        on_closed=lambda *_: None,
-        description="receiver",
-    )
-    receiver.start()
-    sender.start()
+    sender, receiver = _connected(pair, on_message, lambda _, error: closed.append(error))
     try:
         sender.send(MessageKind.REQUEST, 1, b"first")
         assert entered.wait(WAIT_S)
@@ -152,27 +162,8 @@ def test_a_release_with_no_frame_to_ride_on_still_goes_out(
 ) -> None:
     """A segment RELEASE waits for the next frame on the connection; when none comes (a
     one-way transfer), the watchdog sends it, and the sender's segment is free again."""
-    sender_sock, receiver_sock = pair
-    sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
     arrived = threading.Event()
-    receiver = PeerConnection(
-        receiver_sock,
-        receiver_protocol,
-        0,
-        on_message=lambda *_: arrived.set(),
-        on_closed=lambda *_: None,
-        description="sender",
-    )
-    sender = PeerConnection(
-        sender_sock,
-        sender_protocol,
-        1,
-        on_message=lambda *_: None,
-        on_closed=lambda *_: None,
-        description="receiver",
-    )
-    receiver.start()
-    sender.start()
+    sender, receiver = _connected(pair, lambda *_: arrived.set())
     try:
         sender.send(MessageKind.NOTIFY, 0, b"big", [memoryview(bytes(_shm.STAGE_MIN_BYTES))])
         assert arrived.wait(WAIT_S)

@@ -142,31 +142,28 @@ class Agent:
         self.rrefs = OwnerTable(self)
         self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
         self._deadlines = _Deadlines(f"thenable-rpc-timer-{name}", self._expire)
-        self.listener = Listener(
-            listen,
-            key=key,
-            identity=self._identity,
-            max_frame_bytes=options.max_message_bytes,
-            on_accept=self._on_accept,
-        )
+        self.listener = self._listen(listen)
         self._host_id = host_id() if options.same_host_ipc else ""
-        # Same-host peers connect here instead (see _transport).
+        # Same-host peers connect here instead (see _sockets).
         self.local_listener: Listener | None = None
         local = local_address() if self._host_id else None
         if local is not None:
             try:
-                self.local_listener = Listener(
-                    local,
-                    key=key,
-                    identity=self._identity,
-                    max_frame_bytes=options.max_message_bytes,
-                    on_accept=self._on_accept,
-                )
+                self.local_listener = self._listen(local)
             except OSError as exc:
                 _LOGGER.info("no Unix-domain listener (%s); same-host peers use TCP", exc)
         # Rank 0's join and barrier bookkeeping (a _rendezvous.Coordinator), set before start().
         self.coordinator: Any = None
         self._ready = threading.Event()
+
+    def _listen(self, address: Address) -> Listener:
+        return Listener(
+            address,
+            key=self._key,
+            identity=self._identity,
+            max_frame_bytes=self.options.max_message_bytes,
+            on_accept=self._on_accept,
+        )
 
     def start(self) -> None:
         """Start accepting connections."""

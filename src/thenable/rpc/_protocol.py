@@ -90,9 +90,9 @@ import hmac
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Final, TypeAlias
 
 __all__ = [
     "MAX_BUFFERS",
@@ -110,7 +110,6 @@ __all__ = [
     "Message",
     "MessageKind",
     "ProtocolError",
-    "allocate_parts",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -142,7 +141,6 @@ _AUTH_DOMAIN: Final = b"thenable-auth\x00v1\x00proof\x00"
 _MAX_U32: Final = (1 << 32) - 1
 _MAX_U64: Final = (1 << 64) - 1
 _MMAP_THRESHOLD: Final = 1 << 20  # payloads at least this big live in an anonymous mmap
-_HUGE_PAGES: Final = getattr(mmap, "MADV_HUGEPAGE", None)
 _ALIGN: Final = 64  # received buffers start at addresses that are multiples of this
 _DIRECT_READ_MIN: Final = 1 << 16  # lend the payload to recv_into only if this much is left
 _SCRATCH_BYTES: Final = 1 << 18  # default size of the get_buffer() staging area
@@ -244,58 +242,37 @@ def _mac(key: bytes, prover_hello: bytes, verifier_hello: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
-_Area: TypeAlias = "bytearray | mmap.mmap | Any"  # any writable buffer (Any: numpy arrays)
-
-
 def _allocate(nbytes: int) -> bytearray | mmap.mmap:
     """A zeroed, writable payload area; big ones are mmaps so unreceived pages cost nothing."""
     if nbytes >= _MMAP_THRESHOLD:
-        area = mmap.mmap(-1, nbytes)
-        if _HUGE_PAGES is not None:  # far fewer page faults while it fills (Linux THP)
-            area.madvise(_HUGE_PAGES)
-        return area
+        return mmap.mmap(-1, nbytes)
     return bytearray(nbytes)
 
 
-def _address(buffer: _Area) -> int:
+def _address(buffer: bytearray | mmap.mmap) -> int:
     """The address of a (non-empty, writable) buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 def _lay_out(
-    header_len: int,
-    lengths: tuple[int, ...],
-    allocate: Callable[[int], _Area] = _allocate,
-) -> tuple[_Area, list[tuple[int, int]]]:
+    header_len: int, lengths: tuple[int, ...]
+) -> tuple[bytearray | mmap.mmap, list[tuple[int, int]]]:
     """Allocate a payload and place its parts: (payload, [(offset, length) per part]).
 
     The header goes first; each buffer starts at a multiple of _ALIGN bytes in memory, so
     arrays and tensors built on it are aligned (the wire carries no padding).
     """
     if not lengths:
-        return (allocate(header_len) if header_len else bytearray()), [(0, header_len)]
+        return (_allocate(header_len) if header_len else bytearray()), [(0, header_len)]
     relative = [(0, header_len)]
     end = header_len
     for length in lengths:
         start = _align_up(end)
         relative.append((start, length))
         end = start + length
-    payload = allocate(end + _ALIGN)
+    payload = _allocate(end + _ALIGN)
     origin = -_address(payload) % _ALIGN
     return payload, [(origin + start, length) for start, length in relative]
-
-
-def allocate_parts(
-    lengths: list[int], allocate: Callable[[int], _Area] = _allocate
-) -> list[memoryview]:
-    """Writable views of one fresh allocation, one per length, laid out as received buffers are.
-
-    For transports that receive a message's buffers some other way (shared memory);
-    ``allocate(nbytes)`` returns a writable buffer of at least ``nbytes``.
-    """
-    payload, places = _lay_out(0, tuple(lengths), allocate)
-    whole = memoryview(payload)
-    return [whole[offset : offset + length] for offset, length in places[1:]]
 
 
 def _align_up(offset: int) -> int:

@@ -155,22 +155,17 @@ def _rebuild_storage(buffer: Any) -> Any:
     view = _writable(buffer)
     if not view.nbytes:
         return torch.empty(0, dtype=torch.uint8).untyped_storage()
-    # Export the memory's owner (a bytearray or mmap, which the cycle collector never clears)
+    # Export the memory's owner (a bytearray, an mmap, or a shared memory loan: a ctypes array)
     # rather than the memoryview: a tensor holding an export of a memoryview that ends up in a
     # garbage cycle makes the collector clear a memoryview with live exports, and CPython then
-    # crashes at exit.
+    # crashes at exit.  Those owners have no such check (a loan in a cycle is tested).
     owner = view.obj
-    if isinstance(owner, (bytearray, mmap.mmap)) or type(owner) is _ndarray_type():
+    if isinstance(owner, (bytearray, mmap.mmap, ctypes.Array)):
         offset = _address_of(view) - _address_of(memoryview(owner))
         return torch.frombuffer(
             owner, dtype=torch.uint8, count=view.nbytes, offset=offset
         ).untyped_storage()
     return torch.frombuffer(view, dtype=torch.uint8).untyped_storage()
-
-
-def _ndarray_type() -> type | None:
-    """numpy.ndarray if numpy is loaded (its arrays, like bytearrays, are not in cycles)."""
-    return getattr(sys.modules.get("numpy"), "ndarray", None)
 
 
 def _address_of(view: memoryview) -> int:

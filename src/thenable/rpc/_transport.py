@@ -93,7 +93,7 @@ class PeerConnection:
         self._inbox: _shm.Inbox | None = None
         if sock.family == socket.AF_UNIX and _shm.available():
             self._outbox = _shm.Outbox()
-            self._inbox = _shm.Inbox()
+            self._inbox = _shm.Inbox(self._release)
             self._inbox.add_descriptors(descriptors)
         else:
             close_all(descriptors)
@@ -176,17 +176,21 @@ class PeerConnection:
 
     def _release(self, segment_id: int) -> None:
         """Queue a RELEASE of a segment: it goes out with the next frame sent on this
-        connection (in the same system call, often a reply), or within
-        ``INLINE_PATIENCE_S`` from the watchdog if nothing is sent meanwhile.
+        connection (in the same system call), or within ``INLINE_PATIENCE_S`` from the
+        watchdog if nothing is sent meanwhile.
 
-        The reader never waits for the send lock: its holder may be waiting for the peer to
-        read, while the peer's reader waits for ours.
+        Called by the Inbox when the last view of a received message is collected: in any
+        thread, maybe one that holds the send lock, so it only appends to the queue.
         """
-        self._queue.append(
-            self._protocol.send_message(
+        if self._closing:
+            return
+        try:
+            frame = self._protocol.send_message(
                 MessageKind.CONTROL, segment_id, b"", flags=_shm.FLAG_RELEASE
             )
-        )
+        except RuntimeError:  # the protocol is closed: the peer is gone
+            return
+        self._queue.append(frame)
 
     def _enqueue(self, frame: list[bytes | memoryview]) -> None:
         """Queue a frame; write it now if the send lock is free, else its holder will."""
@@ -364,10 +368,11 @@ class PeerConnection:
                     continue
                 if isinstance(event, Message):
                     if event.flags:
-                        unwrapped = self._unwrap(event)
-                        if unwrapped is None:
+                        # (No second name for the message: a reference left in this frame
+                        # would keep a lent segment busy until the next message arrives.)
+                        event = self._unwrap(event)
+                        if event is None:
                             continue
-                        event = unwrapped
                     self._on_message(self, event)
                 elif isinstance(event, ConnectionClosed):
                     break
@@ -390,8 +395,7 @@ class PeerConnection:
                 self._outbox.release(message.request_id)
                 return None
             if flags == _shm.FLAG_STAGED and len(message.buffers) == 1:
-                segment_id, buffers = self._inbox.unstage(message.buffers[0])
-                self._release(segment_id)
+                buffers = self._inbox.unstage(message.buffers[0])
                 return Message(message.kind, message.request_id, 0, message.header, buffers)
         raise ProtocolError(f"unexpected frame flags {flags:#x} from {self.description}")
 
