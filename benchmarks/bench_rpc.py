@@ -38,9 +38,10 @@ Usage::
     python benchmarks/bench_rpc.py --rounds 9 --skip-scale
     python benchmarks/bench_rpc.py --charts /tmp/out
 
-TensorPipe runs with its default transports and channels (on one host it may pick shared
-memory and cross-memory-attach over TCP); ``--torch-tcp-only`` restricts it to its TCP
-transport ("uv") and "basic" channel, which is what thenable uses.  The machines this was
+Both backends use what they would on one host: TensorPipe its default transports and channels
+(shared memory and cross-memory-attach), thenable Unix-domain sockets and shared memory.
+``--tcp-only`` restricts both to TCP: TensorPipe to its TCP transport ("uv") and "basic"
+channel, thenable to ``same_host_ipc=False``.  The machines this was
 written on have 2 cores and are shared: read the ratios, not the absolute figures.
 """
 
@@ -149,7 +150,7 @@ class RunConfig:
     port: int
     iters: Iters
     payload_sweep: bool  # pair mode: also the latency vs payload sweep
-    torch_tcp_only: bool
+    tcp_only: bool
     timeout_s: float  # the whole run; the children dump their stacks and exit a bit before
     rpc_timeout_s: float
 
@@ -218,9 +219,11 @@ def _options(rpc: ModuleType, cfg: RunConfig) -> Any:
         "rpc_timeout": cfg.rpc_timeout_s,
         "num_worker_threads": 16,
     }
-    if cfg.backend == "torch" and cfg.torch_tcp_only:
+    if cfg.tcp_only and cfg.backend == "torch":
         kwargs["_transports"] = ["uv"]
         kwargs["_channels"] = ["basic"]
+    elif cfg.tcp_only:
+        kwargs["same_host_ipc"] = False
     return rpc.TensorPipeRpcBackendOptions(**kwargs)
 
 
@@ -558,7 +561,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                 port=_free_port(),
                 iters=iters,
                 payload_sweep=not args.skip_scale,
-                torch_tcp_only=args.torch_tcp_only,
+                tcp_only=args.tcp_only,
                 timeout_s=pair_timeout,
                 rpc_timeout_s=60.0,
             )
@@ -583,7 +586,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                     port=_free_port(),
                     iters=iters,
                     payload_sweep=False,
-                    torch_tcp_only=args.torch_tcp_only,
+                    tcp_only=args.tcp_only,
                     timeout_s=args.run_timeout or (60.0 + 6.0 * ws),
                     rpc_timeout_s=60.0,
                 )
@@ -954,9 +957,10 @@ def main(argv: list[str] | None = None) -> int:
         "with --quick, a temporary directory unless given)",
     )
     parser.add_argument(
-        "--torch-tcp-only",
+        "--tcp-only",
         action="store_true",
-        help="TensorPipe with its TCP transport and basic channel only (no shm/cma)",
+        help="both over TCP: TensorPipe with its uv transport and basic channel, thenable with "
+        "same_host_ipc=False",
     )
     parser.add_argument(
         "--run-timeout", type=float, default=None, help="seconds a run may take (else an error)"
@@ -1024,11 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
         "better for thenable. Bandwidth counts the tensor's bytes both ways (sent + returned)."
     )
     transports = (
-        "TensorPipe restricted to its TCP transport (--torch-tcp-only)"
-        if args.torch_tcp_only
-        else "TensorPipe with its default transports/channels"
+        "both over TCP only (--tcp-only)"
+        if args.tcp_only
+        else "each with its same-host transports (TensorPipe: shm/cma; thenable: Unix sockets "
+        "and shared memory)"
     )
-    print(f"\n{ratio_note}\ntorch: {transports}.")
+    print(f"\n{ratio_note}\nTransports: {transports}.")
     print(f"Total {elapsed:.0f} s. Before: {env_before}\nAfter:  {env_after}")
     passed = sum(v is True for v in verdicts)
     targets = sum(v is not None for v in verdicts)
@@ -1049,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
         "<!-- written by benchmarks/bench_rpc.py -->",
         f"`python benchmarks/bench_rpc.py{' --quick' if args.quick else ''}` — "
         f"{args.rounds} rounds, 2 processes on loopback, alternating order; {env_after}; "
-        f"torch: {transports}.",
+        f"Transports: {transports}.",
         "",
         sections_md[0],
         "",
