@@ -372,7 +372,7 @@ def test_many_messages_in_one_chunk() -> None:
 
 def test_large_message_in_small_chunks() -> None:
     a, b = _open_pair()
-    payload = bytes(range(256)) * (3 << 14)  # 12 MiB, allocated as an mmap on receipt
+    payload = bytes(range(256)) * (5 << 15)  # 40 MiB, allocated as an mmap on receipt
     wire = _join(a.send_message(MessageKind.RESPONSE, 7, b"h", [payload, b"end"]))
     view = memoryview(wire)
     events: list[Event] = []
@@ -386,7 +386,7 @@ def test_large_message_in_small_chunks() -> None:
 
 
 @pytest.mark.parametrize("header_len", [0, 1, 63, 100])
-@pytest.mark.parametrize("scale", [1, 1 << 16])  # small: bytearray payload, large: mmap
+@pytest.mark.parametrize("scale", [1, 1 << 19])  # small: bytearray payload, large: mmap
 def test_received_buffers_are_aligned(header_len: int, scale: int) -> None:
     a, b = _open_pair()
     buffers = [bytes([i]) * (n * scale) for i, n in enumerate([3, 0, 64, 1, 17])]
