@@ -5,8 +5,9 @@ the objects' own memory, not copies) that the wire protocol sends as separate pa
 ``loads(header, buffers)`` rebuilds the object on top of the received buffers without
 copying them again.
 
-- numpy arrays and CPU torch tensors travel as one raw buffer per underlying memory block,
-  so views and tensors that share memory in the sender share memory in the receiver too.
+- numpy arrays and CPU torch tensors travel as one raw buffer per underlying memory block
+  (blocks up to 4 KiB are copied into the header instead: cheaper than a buffer of their
+  own), so views and tensors that share memory in the sender share memory in the receiver.
   A block covers only the bytes its arrays reach when that saves much (a small slice of
   a big array sends the slice, not the whole array).  Received arrays and tensors are
   writable; tensors keep dtype, size, stride, storage offset and ``requires_grad`` but
