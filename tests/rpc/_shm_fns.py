@@ -13,6 +13,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import _harness
@@ -180,13 +181,7 @@ def drop_connections() -> None:
 def wait_until_idle(timeout: float) -> tuple[int, float]:
     """Poll until no segment of this worker's sending ends is busy (its peers hold nothing
     it sent, and their RELEASEs have arrived), at most ``timeout``: (busy, seconds)."""
-    start = time.monotonic()
-    while True:
-        busy = busy_segments()
-        elapsed = time.monotonic() - start
-        if busy == 0 or elapsed > timeout:
-            return busy, elapsed
-        time.sleep(0.005)
+    return _poll_until_zero(busy_segments, timeout)
 
 
 def drop_kept() -> int:
@@ -206,13 +201,19 @@ def drop_kept_and_count() -> int:
 
 def wait_for_no_mappings(timeout: float) -> tuple[int, float]:
     """Poll until this worker maps no segment (at most ``timeout``): (mappings, seconds)."""
+    return _poll_until_zero(memfd_mappings, timeout)
+
+
+def _poll_until_zero(count: Callable[[], int], timeout: float) -> tuple[int, float]:
+    """Call ``count`` every 5 ms until it returns 0 or ``timeout`` passes: (last, seconds).
+    (Polling: what is awaited happens in other threads and processes, with no event.)"""
     start = time.monotonic()
     while True:
-        count = memfd_mappings()
+        last = count()
         elapsed = time.monotonic() - start
-        if count == 0 or elapsed > timeout:
-            return count, elapsed
-        time.sleep(0.02)
+        if last == 0 or elapsed > timeout:
+            return last, elapsed
+        time.sleep(0.005)
 
 
 # -- what workers call on each other ------------------------------------------------------------
