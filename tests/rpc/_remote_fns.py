@@ -52,6 +52,7 @@ def init_worker(
     num_worker_threads: int = 16,
     auth_key: bytes | str | None = None,
     env: dict[str, str] | None = None,
+    same_host_ipc: bool = True,
 ) -> None:
     """init_rpc as ``worker{rank}`` (or ``name``), rank 0 at tcp://127.0.0.1:port."""
     if env:
@@ -65,6 +66,7 @@ def init_worker(
             rpc_timeout=rpc_timeout,
             num_worker_threads=num_worker_threads,
             auth_key=auth_key,
+            same_host_ipc=same_host_ipc,
         ),
     )
 

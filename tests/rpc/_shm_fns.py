@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import _harness
+import _remote_fns
 
 from thenable import rpc
 from thenable.rpc import _context
@@ -32,25 +33,7 @@ _KEPT: dict[str, Any] = {}
 # -- commands: lifecycle ------------------------------------------------------------------------
 
 
-def init_worker(
-    rank: int,
-    world_size: int,
-    port: int,
-    *,
-    same_host_ipc: bool = True,
-    rpc_timeout: float = 30.0,
-) -> None:
-    """init_rpc as ``worker{rank}``, rank 0 at tcp://127.0.0.1:port."""
-    rpc.init_rpc(
-        f"worker{rank}",
-        rank=rank,
-        world_size=world_size,
-        rpc_backend_options=rpc.RpcBackendOptions(
-            init_method=f"tcp://127.0.0.1:{port}",
-            rpc_timeout=rpc_timeout,
-            same_host_ipc=same_host_ipc,
-        ),
-    )
+init_worker = _remote_fns.init_worker  # same_host_ipc=False: TCP between these workers
 
 
 def shutdown_and_count(graceful: bool = True) -> tuple[int, int]:
