@@ -3,7 +3,8 @@
 - A request run by a connection's reader (``run_inline``, as the agent does when nothing else
   is waiting) that blocks on a plain Event, not a Future, does not keep the next request from
   being read: after ``INLINE_PATIENCE_S`` another thread reads.
-- A segment RELEASE with no frame to ride on is still sent.
+- A segment RELEASE with no frame to ride on is still sent, and a segment retired on release
+  is unmapped by both ends.
 """
 
 from __future__ import annotations
@@ -172,6 +173,29 @@ def test_a_release_with_no_frame_to_ride_on_still_goes_out(
         deadline = time.monotonic() + WAIT_S
         while not outbox.free_count():
             assert time.monotonic() < deadline, "the RELEASE never arrived"
+            time.sleep(0.001)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.skipif(not _shm.available(), reason="needs memfd and file sealing")
+def test_a_segment_retired_on_release_is_unmapped_by_the_peer_too(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no room in the cache, a released segment is retired at once: the sender drops
+    it, and its RETIRE frame makes the receiver unmap it as well."""
+    monkeypatch.setattr(_shm, "CACHE_BYTES", 0)
+    arrived = threading.Event()
+    sender, receiver = _connected(pair, lambda *_: arrived.set())
+    try:
+        sender.send(MessageKind.NOTIFY, 0, b"big", [memoryview(bytes(_shm.STAGE_MIN_BYTES))])
+        assert arrived.wait(WAIT_S)
+        outbox, inbox = sender._outbox, receiver._inbox
+        assert outbox is not None and inbox is not None
+        deadline = time.monotonic() + WAIT_S
+        while outbox.segment_count() or inbox.segment_count():
+            assert time.monotonic() < deadline, "the segment was not retired on both ends"
             time.sleep(0.001)
     finally:
         sender.close()

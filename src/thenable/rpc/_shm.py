@@ -29,10 +29,11 @@ Ownership and cleanup rules
    stages into, or retires, a segment still lent is dropped (``ProtocolError``).
 5. The sender keeps at most ``MAX_SEGMENTS`` segments of at most ``MAX_SEGMENT_BYTES`` each
    per connection.  When no free one is big enough it *retires* a free one (the next staged
-   frame lists it and both ends unmap it); when every segment is busy (the receiver keeps
-   what it received), or a message is too big, the message goes through the socket as
-   usual.  Staging is an optimization only: any failure to stage (no ``memfd_create``, out
-   of memory) falls back to the socket.
+   frame lists it and both ends unmap it); when the free ones add up to more than
+   ``CACHE_BYTES`` it retires the biggest (a RETIRE frame tells the peer); when every segment
+   is busy (the receiver keeps what it received), or a message is too big, the message goes
+   through the socket as usual.  Staging is an optimization only: any failure to stage (no
+   ``memfd_create``, out of memory) falls back to the socket.
 6. When the connection closes, both ends unmap all of its segments, except that a segment
    still lent stays mapped until the application drops what it received (then it is
    unmapped and freed).  A peer that crashes closes the connection, so the survivor frees
@@ -41,7 +42,8 @@ Ownership and cleanup rules
 Frames (the flags of ``_protocol`` frames, which that module leaves to its user):
 
 - ``FLAG_STAGED`` on a message: its only buffer is a descriptor (below) instead of the data;
-- ``FLAG_RELEASE`` on a CONTROL frame: the segment ``request_id`` is free again.
+- ``FLAG_RELEASE`` on a CONTROL frame: the segment ``request_id`` is free again;
+- ``FLAG_RETIRE`` on a CONTROL frame: the segment ``request_id`` will not be used again.
 
 Descriptor: ``!QQBxxxHI`` (segment id, segment size, 1 if a descriptor is attached, number
 of retired segment ids, number of parts), then the retired ids (``Q`` each), then
@@ -68,7 +70,9 @@ from typing import Final
 from thenable.rpc._protocol import ProtocolError
 
 __all__ = [
+    "CACHE_BYTES",
     "FLAG_RELEASE",
+    "FLAG_RETIRE",
     "FLAG_STAGED",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_BYTES",
@@ -83,6 +87,7 @@ _LOGGER = logging.getLogger("thenable.rpc.shm")
 
 FLAG_STAGED: Final = 0x1
 FLAG_RELEASE: Final = 0x2
+FLAG_RETIRE: Final = 0x4
 
 STAGE_MIN_BYTES: Final = 1 << 18
 """Messages with at least this many bytes of buffers are staged in shared memory."""
@@ -90,6 +95,8 @@ MAX_SEGMENTS: Final = 4
 """Most segments one end of a connection keeps for sending."""
 MAX_SEGMENT_BYTES: Final = 1 << 30
 """Largest segment; bigger messages go through the socket."""
+CACHE_BYTES = 256 << 20
+"""Most bytes of free segments one end of a connection keeps for reuse."""
 MAX_PENDING_DESCRIPTORS: Final = 8
 """Most received file descriptors waiting for their frame; more is a protocol error."""
 
@@ -225,8 +232,13 @@ class Outbox:
             if segment is not None:
                 self._retire(segment)
 
-    def release(self, segment_id: int) -> None:
-        """The peer has dropped everything it received in ``segment_id`` (its RELEASE)."""
+    def release(self, segment_id: int) -> list[int]:
+        """The peer has dropped everything it received in ``segment_id`` (its RELEASE).
+
+        Returns the segments retired now, biggest first, to keep the free ones within
+        ``CACHE_BYTES`` (and any retired before and not yet announced): send the peer a
+        RETIRE for each, so that it unmaps them too.
+        """
         with self._lock:
             segment = self._segments.get(segment_id)
             if segment is None or not segment.busy:
@@ -234,6 +246,19 @@ class Outbox:
                     f"the peer released segment {segment_id}, which it did not hold"
                 )
             segment.busy = False
+            free = sorted(
+                (s for s in self._segments.values() if not s.busy),
+                key=lambda s: s.size,
+                reverse=True,
+            )
+            cached = sum(s.size for s in free)
+            for spare in free:
+                if cached <= CACHE_BYTES:
+                    break
+                cached -= spare.size
+                self._retire(spare)
+            retired, self._retired = self._retired, []
+            return retired
 
     def segment_count(self) -> int:
         with self._lock:
@@ -297,10 +322,7 @@ class Inbox:
         with self._lock:
             if self._closed:
                 raise ProtocolError("shared memory frame after the connection closed")
-            for old in retired:
-                if old in self._lent:
-                    raise ProtocolError(f"the peer retired segment {old} while it was lent")
-                _unmap(self._mappings.pop(old, None))
+            self._retire_locked(retired)
             if has_fd:
                 if not self._descriptors:
                     raise ProtocolError("a staged frame's file descriptor did not arrive")
@@ -325,6 +347,17 @@ class Inbox:
             returned.atexit = False
             whole = memoryview(loan).cast("B")
         return [whole[offset - low : offset - low + length] for offset, length in parts]
+
+    def retire(self, segment_ids: Sequence[int]) -> None:
+        """The peer will not use these segments again (its RETIRE): unmap them."""
+        with self._lock:
+            self._retire_locked(segment_ids)
+
+    def _retire_locked(self, segment_ids: Sequence[int]) -> None:
+        for old in segment_ids:
+            if old in self._lent:
+                raise ProtocolError(f"the peer retired segment {old} while it was lent")
+            _unmap(self._mappings.pop(old, None))
 
     def _returned(self, segment_id: int) -> None:
         """Every view of a lent message is gone: the segment is the sender's again.

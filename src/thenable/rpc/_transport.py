@@ -182,12 +182,15 @@ class PeerConnection:
         Called by the Inbox when the last view of a received message is collected: in any
         thread, maybe one that holds the send lock, so it only appends to the queue.
         """
+        self._queue_control(segment_id, _shm.FLAG_RELEASE)
+
+    def _queue_control(self, segment_id: int, flag: int) -> None:
+        """Queue a RELEASE or RETIRE, to go out with the next frame (or the watchdog's tick):
+        whoever calls this (a finalizer, the reader) must not block."""
         if self._closing:
             return
         try:
-            frame = self._protocol.send_message(
-                MessageKind.CONTROL, segment_id, b"", flags=_shm.FLAG_RELEASE
-            )
+            frame = self._protocol.send_message(MessageKind.CONTROL, segment_id, b"", flags=flag)
         except RuntimeError:  # the protocol is closed: the peer is gone
             return
         self._queue.append(frame)
@@ -392,7 +395,11 @@ class PeerConnection:
         flags = message.flags
         if self._inbox is not None and self._outbox is not None:
             if flags == _shm.FLAG_RELEASE and message.kind is MessageKind.CONTROL:
-                self._outbox.release(message.request_id)
+                for segment_id in self._outbox.release(message.request_id):
+                    self._queue_control(segment_id, _shm.FLAG_RETIRE)
+                return None
+            if flags == _shm.FLAG_RETIRE and message.kind is MessageKind.CONTROL:
+                self._inbox.retire([message.request_id])
                 return None
             if flags == _shm.FLAG_STAGED and len(message.buffers) == 1:
                 buffers = self._inbox.unstage(message.buffers[0])
