@@ -609,29 +609,30 @@ def test_at_most_max_segments_and_a_too_small_free_one_is_retired(ends: Ends, he
 
 
 @needs_shm
-def test_free_segments_beyond_the_cache_are_retired_biggest_first(
+def test_free_segments_beyond_the_cache_are_retired_oldest_first(
     ends: Ends, held: Held, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When a RELEASE leaves more than CACHE_BYTES of free segments, the biggest are retired
-    (release() returns them, for RETIRE frames) and the peer unmaps them on retire()."""
+    """When a RELEASE leaves more than CACHE_BYTES of free segments, the least recently used
+    are retired (release() returns them, for RETIRE frames); the peer unmaps them on
+    retire()."""
     outbox, inbox, released = ends
-    monkeypatch.setattr(_shm, "CACHE_BYTES", 3 * MIB)
-    small = outbox.stage(_message(STAGE_MIN_BYTES, 1))  # a 1 MiB segment
-    large = outbox.stage(_message(2 * MIB + 1, 2))  # a 4 MiB segment
-    assert small is not None and large is not None
-    for staged in (small, large):
+    monkeypatch.setattr(_shm, "CACHE_BYTES", 4 * MIB)
+    old = outbox.stage(_message(2 * MIB + 1, 1))  # a 4 MiB segment, used first
+    new = outbox.stage(_message(STAGE_MIN_BYTES, 2))  # a 1 MiB segment, used last
+    assert old is not None and new is not None
+    for staged in (old, new):
         _deliver(inbox, staged)  # dropped at once: released
-    assert released == [small.segment_id, large.segment_id]
-    assert outbox.release(small.segment_id) == []  # 1 MiB free: within the cache
-    assert outbox.release(large.segment_id) == [large.segment_id]  # 5 MiB: the biggest goes
+    assert released == [old.segment_id, new.segment_id]
+    assert outbox.release(new.segment_id) == []  # 1 MiB free: within the cache
+    assert outbox.release(old.segment_id) == [old.segment_id]  # 5 MiB: the oldest goes
     assert outbox.segment_count() == 1 and outbox.free_count() == 1
     assert inbox.segment_count() == 2
-    inbox.retire([large.segment_id])
+    inbox.retire([old.segment_id])
     assert inbox.segment_count() == 1
-    assert held.new_maps() == 2  # the small segment, once on each end
+    assert held.new_maps() == 2  # the 1 MiB segment, once on each end
     # The retired id is not announced again by the next staged frame.
     again = outbox.stage(_message(STAGE_MIN_BYTES, 3))
-    assert again is not None and again.segment_id == small.segment_id
+    assert again is not None and again.segment_id == new.segment_id
     assert _parse(again.descriptor)[3] == []
     _deliver(inbox, again)
 

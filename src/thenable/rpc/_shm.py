@@ -30,10 +30,10 @@ Ownership and cleanup rules
 5. The sender keeps at most ``MAX_SEGMENTS`` segments of at most ``MAX_SEGMENT_BYTES`` each
    per connection.  When no free one is big enough it *retires* a free one (the next staged
    frame lists it and both ends unmap it); when the free ones add up to more than
-   ``CACHE_BYTES`` it retires the biggest (a RETIRE frame tells the peer); when every segment
-   is busy (the receiver keeps what it received), or a message is too big, the message goes
-   through the socket as usual.  Staging is an optimization only: any failure to stage (no
-   ``memfd_create``, out of memory) falls back to the socket.
+   ``CACHE_BYTES`` it retires the least recently used (a RETIRE frame tells the peer); when
+   every segment is busy (the receiver keeps what it received), or a message is too big, the
+   message goes through the socket as usual.  Staging is an optimization only: any failure
+   to stage (no ``memfd_create``, out of memory) falls back to the socket.
 6. When the connection closes, both ends unmap all of its segments, except that a segment
    still lent stays mapped until the application drops what it received (then it is
    unmapped and freed).  A peer that crashes closes the connection, so the survivor frees
@@ -95,7 +95,7 @@ MAX_SEGMENTS: Final = 4
 """Most segments one end of a connection keeps for sending."""
 MAX_SEGMENT_BYTES: Final = 1 << 30
 """Largest segment; bigger messages go through the socket."""
-CACHE_BYTES = 256 << 20
+CACHE_BYTES = 512 << 20
 """Most bytes of free segments one end of a connection keeps for reuse."""
 MAX_PENDING_DESCRIPTORS: Final = 8
 """Most received file descriptors waiting for their frame; more is a protocol error."""
@@ -132,6 +132,7 @@ class _Segment:
     id: int
     mapping: mmap.mmap
     busy: bool = False
+    last_used: int = 0  # Outbox._uses when last claimed: the cache retires the oldest first
 
     @property
     def size(self) -> int:
@@ -156,6 +157,7 @@ class Outbox:
         self._segments: dict[int, _Segment] = {}
         self._ids = itertools.count(1)
         self._retired: list[int] = []  # retired ids not yet announced to the peer
+        self._uses = 0  # messages staged so far
         self._closed = False
 
     def stage(self, buffers: Sequence[memoryview]) -> Staged | None:
@@ -192,9 +194,11 @@ class Outbox:
     def _claim(self, nbytes: int) -> tuple[_Segment | None, int | None]:
         """A free segment of at least ``nbytes`` (new: with its descriptor), marked busy."""
         free = sorted((s for s in self._segments.values() if not s.busy), key=lambda s: s.size)
+        self._uses += 1
         for segment in free:
             if segment.size >= nbytes:
                 segment.busy = True
+                segment.last_used = self._uses
                 return segment, None
         if len(self._segments) >= MAX_SEGMENTS:
             if not free:
@@ -206,6 +210,7 @@ class Outbox:
             _LOGGER.info("cannot create a shared memory segment (%s); using the socket", exc)
             return None, None
         segment.busy = True
+        segment.last_used = self._uses
         self._segments[segment.id] = segment
         return segment, fd
 
@@ -235,11 +240,13 @@ class Outbox:
     def release(self, segment_id: int) -> list[int]:
         """The peer has dropped everything it received in ``segment_id`` (its RELEASE).
 
-        Returns the segments retired now, biggest first, to keep the free ones within
-        ``CACHE_BYTES`` (and any retired before and not yet announced): send the peer a
-        RETIRE for each, so that it unmaps them too.
+        Returns the segments retired now, least recently used first, to keep the free ones
+        within ``CACHE_BYTES`` (and any retired before and not yet announced): send the peer
+        a RETIRE for each, so that it unmaps them too.
         """
         with self._lock:
+            if self._closed:  # a RELEASE that crossed our close: nothing left to free
+                return []
             segment = self._segments.get(segment_id)
             if segment is None or not segment.busy:
                 raise ProtocolError(
@@ -247,9 +254,7 @@ class Outbox:
                 )
             segment.busy = False
             free = sorted(
-                (s for s in self._segments.values() if not s.busy),
-                key=lambda s: s.size,
-                reverse=True,
+                (s for s in self._segments.values() if not s.busy), key=lambda s: s.last_used
             )
             cached = sum(s.size for s in free)
             for spare in free:
