@@ -8,6 +8,7 @@ test fast instead of hanging it.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 import subprocess
@@ -77,6 +78,14 @@ def cross(barrier: threading.Barrier) -> str:
 
 def current_thread_name() -> str:
     return threading.current_thread().name
+
+
+def occupy_until(barrier: threading.Barrier, gate: threading.Event) -> str:
+    """Keep a worker busy: meet the others at ``barrier``, then wait for ``gate``."""
+    barrier.wait()
+    if not gate.wait(TIMEOUT):
+        raise TimeoutError("the test never opened the gate")
+    return current_thread_name()
 
 
 def fail_with(message: str) -> int:
@@ -491,11 +500,7 @@ def test_shrinking_retires_surplus_workers(
     pool = make_pool(3, name)
     barrier = threading.Barrier(4, timeout=TIMEOUT)
 
-    def occupy() -> str:
-        barrier.wait()
-        if not gate.wait(TIMEOUT):
-            raise TimeoutError("the test never opened the gate")
-        return current_thread_name()
+    occupy = functools.partial(occupy_until, barrier, gate)
 
     busy = [pool.submit(occupy) for _ in range(3)]
     barrier.wait()  # three workers are running at once
@@ -518,11 +523,7 @@ def test_tasks_queued_before_a_shrink_still_run(
     pool = interop_threads(2)
     barrier = threading.Barrier(3, timeout=TIMEOUT)
 
-    def occupy() -> str:
-        barrier.wait()
-        if not gate.wait(TIMEOUT):
-            raise TimeoutError("the test never opened the gate")
-        return current_thread_name()
+    occupy = functools.partial(occupy_until, barrier, gate)
 
     busy = [thenable.fork(occupy) for _ in range(2)]
     barrier.wait()  # both workers busy
@@ -642,11 +643,7 @@ def test_statistics_and_thread_names_of_a_private_pool(
 
     barrier = threading.Barrier(3, timeout=TIMEOUT)
 
-    def occupy() -> str:
-        barrier.wait()
-        if not gate.wait(TIMEOUT):
-            raise TimeoutError("the test never opened the gate")
-        return current_thread_name()
+    occupy = functools.partial(occupy_until, barrier, gate)
 
     busy = [executor.submit(occupy) for _ in range(2)]
     barrier.wait()
