@@ -850,22 +850,9 @@ def write_charts(
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     # Minor ticks of a log axis: label only 2x and 5x a power of ten, to stay readable.
     sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if v > 0 and f"{v:e}"[0] in "25" else "")
-    style = {"thenable": ("tab:blue", "o"), "torch": ("tab:orange", "s")}
     if payload is not None:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for b in BACKENDS:
-            color, marker = style[b]
-            pts = [
-                (s, v) for s, v in zip(PAYLOAD_SIZES, payload[b], strict=True) if not math.isnan(v)
-            ]
-            if pts:
-                ax.plot(
-                    [p[0] for p in pts],
-                    [p[1] * 1e3 for p in pts],
-                    marker=marker,
-                    color=color,
-                    label="thenable.rpc" if b == "thenable" else "torch.distributed.rpc",
-                )
+        _plot_backends(ax, PAYLOAD_SIZES, payload)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(list(PAYLOAD_SIZES), [_size_label(s) for s in PAYLOAD_SIZES])
@@ -888,19 +875,7 @@ def write_charts(
             (axes[1], "start_to_ready_s", "spawn -> all ranks initialized"),
             (axes[2], "a2a_s", "all-to-all round of no-op rpc_async"),
         ):
-            for b in BACKENDS:
-                color, marker = style[b]
-                pts = [
-                    (w, v) for w, v in zip(sizes, scale[b][key], strict=True) if not math.isnan(v)
-                ]
-                if pts:
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] * 1e3 for p in pts],
-                        marker=marker,
-                        color=color,
-                        label="thenable.rpc" if b == "thenable" else "torch.distributed.rpc",
-                    )
+            _plot_backends(ax, sizes, {b: scale[b][key] for b in BACKENDS})
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(list(sizes), [str(s) for s in sizes])
@@ -917,6 +892,22 @@ def write_charts(
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _plot_backends(ax: Any, xs: Sequence[int], seconds: dict[str, list[float]]) -> None:
+    """One line per backend: ``seconds[backend][i]`` at ``xs[i]``, in ms; NaN points left out."""
+    style = {"thenable": ("tab:blue", "o"), "torch": ("tab:orange", "s")}
+    for b in BACKENDS:
+        color, marker = style[b]
+        pts = [(x, v) for x, v in zip(xs, seconds[b], strict=True) if not math.isnan(v)]
+        if pts:
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] * 1e3 for p in pts],
+                marker=marker,
+                color=color,
+                label="thenable.rpc" if b == "thenable" else "torch.distributed.rpc",
+            )
 
 
 # -- main -----------------------------------------------------------------------------------------
