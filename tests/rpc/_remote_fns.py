@@ -684,8 +684,9 @@ def tracked_alive_tags() -> list[str]:
 
 
 def owner_table_size() -> int:
-    """How many RRef values this worker owns (the owner table's size)."""
-    gc.collect()
+    """How many RRef values this worker owns (the owner table's size), once the references
+    this worker dropped itself are released."""
+    settle_references()
     return len(_context.require_agent().rrefs)
 
 
@@ -794,6 +795,22 @@ def check_user_rref() -> dict[str, Any]:
     out["failed_creation"] = failure_of(
         rpc.remote("worker1", raise_custom, args=("no value", 3)).to_here
     )
+    return out
+
+
+def check_undecodable_creation() -> dict[str, Any]:
+    """remote() whose request the owner cannot decode (an argument fails to unpickle there):
+    to_here() and the proxies fail with that error instead of waiting for a value that never
+    comes, and the owner frees what the failed creation left behind."""
+    _settle_everywhere()
+    before = rpc.rpc_sync("worker1", owner_table_size)
+    rref = rpc.remote("worker1", echo, args=(TwoArgError("a", "b"),))
+    out: dict[str, Any] = {"to_here": failure_of(rref.to_here)}  # sent before the error came
+    out["to_here_again"] = failure_of(rref.to_here)  # raised without asking the owner
+    out["proxy"] = failure_of(rref.rpc_sync().__len__)
+    out["confirmed"] = rref.confirmed_by_owner()
+    del rref
+    out["table_after"] = _poll_table("worker1", before)[0] - before
     return out
 
 

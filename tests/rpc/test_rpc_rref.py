@@ -57,6 +57,15 @@ def test_remote_gives_a_user_rref(group: Group) -> None:
     _failure(out["failed_creation"], "_remote_fns.CustomError", "no value")
 
 
+def test_remote_whose_request_the_owner_cannot_decode_fails_its_users(group: Group) -> None:
+    out = group.call(0, fns.check_undecodable_creation)
+    for key in ("to_here", "to_here_again"):
+        _failure(out[key], "builtins.TypeError", "TwoArgError")
+    _failure(out["proxy"], "builtins.RuntimeError", "creating the value", "TwoArgError")
+    assert out["confirmed"] is True  # the owner answered, with the error
+    assert out["table_after"] == 0
+
+
 def test_rrefs_passed_as_arguments_and_returned(group: Group) -> None:
     out = group.call(0, fns.check_rref_passing)
     assert out["user_rref_to_third"] == {"me": "worker2", **COUNTER_ON_1, "value": 10}

@@ -16,8 +16,10 @@ The owner keeps a value while at least one fork is registered, and drops it when
      the owner with an ``_add_fork`` call, and keeps its own RRef alive until the owner answers.
 - When an RRef object is garbage collected, its fork is released: the id goes onto a queue
   (``__del__`` must not take locks or do I/O) that a background thread sends to the owner in
-  batches, as one-way notifications.  A release can overtake its fork's registration (case
-  3); the owner then remembers it and cancels the registration when it comes.
+  batches, as one-way notifications.  The thread gathers releases for ``RELEASE_DELAY_S``
+  after the first one, so that dropping RRefs one after another wakes it once per batch, not
+  once per RRef.  A release can overtake its fork's registration (case 3); the owner then
+  remembers it and cancels the registration when it comes.
 - Shutdown flushes the queue before the barrier (with calls that each owner answers once the
   releases are applied), then drops every table: nothing outlives RPC.
 A worker that dies keeps its forks registered; their values live until the owner shuts down.
@@ -25,6 +27,7 @@ A worker that dies keeps its forks registered; their values live until the owner
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -41,7 +44,7 @@ from thenable.rpc.functions import async_execution, is_async_execution
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
 
-__all__ = ("OwnerTable", "RRef")
+__all__ = ("RELEASE_DELAY_S", "OwnerTable", "RRef")
 
 T = TypeVar("T")
 
@@ -51,6 +54,9 @@ RRefId = tuple[int, int]  # (creator rank, counter)
 ForkId = tuple[int, int]  # (rank that made the fork, counter)
 
 _COUNTER = itertools.count(1)
+
+RELEASE_DELAY_S = 0.01
+"""How long the first release of a batch waits for others before it is sent."""
 
 
 def _new_id(agent: Agent) -> tuple[int, int]:
@@ -80,7 +86,11 @@ class OwnerTable:
         self._entries: dict[RRefId, _Entry] = {}
         # Releases that arrived before their fork was registered (case 3 of the protocol).
         self._early: set[tuple[RRefId, ForkId]] = set()
-        self._releases: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Releases waiting to be sent, and the releaser's wake-ups: a Future (flush), None
+        # (close), or True (the first release after the releaser went idle).
+        self._releases: collections.deque[tuple[int, RRefId, ForkId]] = collections.deque()
+        self._wakeups: queue.SimpleQueue[Future[None] | bool | None] = queue.SimpleQueue()
+        self._releaser_idle = False
         self._notified: set[int] = set()  # owners sent releases since the last flush
         self._releaser = threading.Thread(
             target=self._send_releases, name=f"thenable-rpc-rref-{agent.name}", daemon=True
@@ -133,6 +143,24 @@ class OwnerTable:
             entry.forks.discard(fork)
             self._drop_if_unused_locked(rref_id, entry)
 
+    def fail_creation(self, rref_id: RRefId, fork: ForkId, error: BaseException) -> None:
+        """``remote()``'s creation request failed before it ran here (it could not be
+        decoded, say): register the creator's fork as ``create`` would have, and fail the
+        value, so that requests waiting for it get an answer and the entry is freed as usual.
+
+        If the creation did run (the creator only failed to read the answer), nothing changes.
+        """
+        with self._lock:
+            entry = self._entries.get(rref_id)
+            if entry is None:
+                entry = self._entries[rref_id] = _Entry()
+            elif entry.created:
+                return
+            entry.created = True
+            value = entry.value
+            self._add_locked(rref_id, entry, fork)
+        value._complete(None, error, strict=False)
+
     def awaited_value(self, rref_id: RRefId) -> Future[Any]:
         """The value's Future for a caller that holds a fork of ``rref_id``.
 
@@ -161,18 +189,22 @@ class OwnerTable:
     # -- releases -----------------------------------------------------------------------------
 
     def release_later(self, owner: int, rref_id: RRefId, fork: ForkId) -> None:
-        """Queue a release; safe from ``__del__`` (SimpleQueue.put is reentrant)."""
-        self._releases.put((owner, rref_id, fork))
+        """Queue a release; safe from ``__del__`` (no lock is taken: deque.append and
+        SimpleQueue.put are atomic and reentrant)."""
+        self._releases.append((owner, rref_id, fork))
+        if self._releaser_idle:
+            self._releaser_idle = False
+            self._wakeups.put(True)
 
     def flush(self, timeout: float | None = None) -> None:
         """Send every queued release and wait until the owners have applied them."""
         done: Future[None] = Future()
-        self._releases.put(done)
+        self._wakeups.put(done)
         done.wait(timeout)
 
     def close(self) -> None:
         """Stop the releaser and forget every value (shutdown)."""
-        self._releases.put(None)
+        self._wakeups.put(None)
         if self._releaser is not threading.current_thread():
             self._releaser.join(timeout=5)
         with self._lock:
@@ -180,23 +212,39 @@ class OwnerTable:
             self._early.clear()
 
     def _send_releases(self) -> None:
+        """The releaser: wait for a release, gather more for ``RELEASE_DELAY_S``, send them.
+
+        It marks itself idle *before* it looks at the queue for the last time, so a release
+        queued after that look finds it idle and wakes it (a wake-up that finds the queue
+        already emptied is harmless).
+        """
+        wakeups = self._wakeups
         while True:
-            item = self._releases.get()
-            batch: dict[int, list[tuple[RRefId, ForkId]]] = {}
+            self._releaser_idle = True
+            if self._releases:
+                self._releaser_idle = False
+                wakeup = _get_within(wakeups, RELEASE_DELAY_S)  # a flush or close cuts it short
+            else:
+                wakeup = wakeups.get()
+                if wakeup is True:
+                    wakeup = _get_within(wakeups, RELEASE_DELAY_S)
+            self._releaser_idle = False
             markers: list[Future[None]] = []
             stop = False
-            while True:
-                if item is None:
+            while True:  # every wake-up that came meanwhile
+                if wakeup is None:
                     stop = True
-                elif isinstance(item, Future):
-                    markers.append(item)
-                else:
-                    owner, rref_id, fork = item
-                    batch.setdefault(owner, []).append((rref_id, fork))
+                elif isinstance(wakeup, Future):
+                    markers.append(wakeup)
                 try:
-                    item = self._releases.get_nowait()
+                    wakeup = wakeups.get_nowait()
                 except queue.Empty:
                     break
+            batch: dict[int, list[tuple[RRefId, ForkId]]] = {}
+            releases = self._releases
+            while releases:
+                owner, rref_id, fork = releases.popleft()
+                batch.setdefault(owner, []).append((rref_id, fork))
             try:
                 self._release(batch, confirmed=bool(markers or stop))
             finally:
@@ -351,8 +399,20 @@ class RRef(Generic[T]):
         # Only the id travels: this RRef (its fork) stays alive while we wait, so the owner
         # keeps the value without registering a fork for the request.
         seconds = agent_timeout(agent, timeout)
+        self._raise_if_creation_failed()
         result = agent.call(self._owner, _fetch_value, (self._id,), {}, seconds)
-        return result.wait()  # type: ignore[no-any-return]
+        try:
+            return result.wait()  # type: ignore[no-any-return]
+        except Exception:
+            self._raise_if_creation_failed()  # the cause, rather than its echo from the owner
+            raise
+
+    def _raise_if_creation_failed(self) -> None:
+        """Raise the failure of ``remote()``'s creation call, if it failed (it timed out,
+        say, or could not be decoded by the owner)."""
+        created = self._created
+        if created is not None and created.done() and created._exception is not None:
+            created.wait()
 
     # -- proxies ------------------------------------------------------------------------------
 
@@ -388,6 +448,14 @@ class RRef(Generic[T]):
         else:  # case 3
             record.after_send.append(lambda: _announce_fork(agent, self, fork))
         return (_rebuild_rref, (self._owner, self._id, fork))
+
+
+def _get_within(wakeups: queue.SimpleQueue[Any], seconds: float) -> Any:
+    """The next wake-up if one comes within ``seconds``, else True."""
+    try:
+        return wakeups.get(timeout=seconds)
+    except queue.Empty:
+        return True
 
 
 def _wait_for(future: Future[Any]) -> Any:
@@ -488,7 +556,28 @@ def remote_call(
         agent.pool.submit(_produce, agent.rrefs.create(rref_id, fork), fn, args, kwargs)
         return RRef._make(agent, owner, rref_id, fork)
     created = agent.call(owner, _remote_create, (rref_id, fork, fn, args, kwargs), {}, seconds)
+    created.add_done_callback(
+        functools.partial(_report_failed_creation, agent=agent, owner=owner, ids=(rref_id, fork))
+    )
     return RRef._make(agent, owner, rref_id, fork, created)
+
+
+def _report_failed_creation(
+    created: Future[Any], agent: Agent, owner: int, ids: tuple[RRefId, ForkId]
+) -> None:
+    """The owner answered ``remote()``'s creation call with an error, so the call did not run
+    there: tell the owner, whose requests waiting for the value would wait forever else.
+
+    (A timeout or a lost connection says nothing of the owner: it may still create the value.)
+    """
+    error = created._exception
+    if error is None or isinstance(error, (TimeoutError, ConnectionError)):
+        return
+    reason = RuntimeError(f"creating the value of this RRef failed on the owner: {error}")
+    try:
+        agent.notify(owner, _fail_creation, (*ids, reason))
+    except Exception as exc:  # shut down or disconnected meanwhile: nobody is left waiting
+        _LOGGER.info("could not report a failed remote() to rank %d: %s", owner, exc)
 
 
 def _produce(
@@ -534,8 +623,13 @@ def _invoke(
     result: Future[Any] = Future()
 
     def call(value: Future[Any]) -> None:
+        if value._exception is not None:
+            # Passed on as it is: raising the stored exception here would hang this call's
+            # frames on its traceback, and with them the RRef, which would never be freed.
+            copy_outcome(value, result)
+            return
         try:
-            method = getattr(value.value(), name)
+            method = getattr(value._result, name)
         except BaseException as exc:
             result._complete(None, exc, exc.__traceback__)
             return
@@ -543,6 +637,10 @@ def _invoke(
 
     rref._agent.rrefs.value_future(rref._id).add_done_callback(call)
     return result
+
+
+def _fail_creation(rref_id: RRefId, fork: ForkId, error: BaseException) -> None:
+    _context.require_agent().rrefs.fail_creation(tuple(rref_id), tuple(fork), error)  # type: ignore[arg-type]
 
 
 def _add_fork(rref_id: RRefId, fork: ForkId) -> None:
