@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thenable.rpc import _protocol
+from thenable.rpc import _protocol, _recycled
 from thenable.rpc._protocol import (
     MAX_BUFFERS,
     MIN_FRAME_BYTES,
@@ -674,3 +674,51 @@ def test_many_small_messages_with_buffers_in_one_chunk() -> None:
         for view in event.buffers:
             if view.nbytes:
                 assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % 64 == 0
+
+
+# -- recycled payload memory -----------------------------------------------------------------
+
+
+def _address_of(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+@pytest.fixture
+def empty_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh pool of recycled mappings for this test (the real one is process-wide)."""
+    monkeypatch.setattr(_recycled, "_free", {})
+    monkeypatch.setattr(_recycled, "_free_bytes", 0)
+
+
+def _receive_large(b: Connection, a: Connection, fill: int) -> Message:
+    """Send a 40 MiB buffer of ``fill`` bytes from ``a`` and receive it on ``b``."""
+    payload = bytes([fill]) * (40 << 20)
+    _feed(b, _join(a.send_message(MessageKind.REQUEST, fill, b"h", [payload])))
+    return _only_message(_drain(b))
+
+
+@pytest.mark.usefixtures("empty_pool")
+def test_large_payloads_reuse_memory_only_once_every_view_is_gone() -> None:
+    a, b = _open_pair()
+    first = _receive_large(b, a, 1)
+    kept = first.buffers[0][10:20]  # a view of a view keeps the payload lent
+    address = _address_of(first.buffers[0])
+    del first
+    assert _recycled.pooled_bytes() == 0
+    second = _receive_large(b, a, 2)
+    assert _address_of(second.buffers[0]) != address  # still lent: not reused
+    assert bytes(kept) == b"\x01" * 10  # ... and not overwritten
+    del kept, second
+    assert _recycled.pooled_bytes() == 2 * (64 << 20)  # both back (size class: 64 MiB)
+    third = _receive_large(b, a, 3)
+    assert _recycled.pooled_bytes() == 64 << 20  # one of them taken again
+    assert third.buffers[0] == b"\x03" * (40 << 20)  # every byte of the old data overwritten
+
+
+@pytest.mark.usefixtures("empty_pool")
+def test_recycled_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_recycled, "KEEP_BYTES", 64 << 20)  # one mapping of the 64 MiB class
+    a, b = _open_pair()
+    held = [_receive_large(b, a, fill) for fill in (1, 2, 3)]
+    del held
+    assert _recycled.pooled_bytes() == 64 << 20  # one kept, two unmapped

@@ -1048,6 +1048,12 @@ def test_same_host_ipc_false_uses_tcp_and_never_stages(make_group: GroupFactory)
     for rank in (0, 1):
         report = group.call(rank, shm_fns.report)
         assert report["local"] == 0 and report["maps"] == 0 and report["segments"] == 0
+    # Payloads of 32 MiB and more arrive in recycled memory (_recycled): worker1 keeps each
+    # one, so none may be overwritten by the next; worker0 drops its echoes, so it reuses.
+    trips = group.call(0, shm_fns.keep_many, "worker1", 3, 40 * MIB)
+    assert all(trip["equal"] for trip in trips), trips
+    for i, trip in enumerate(trips):
+        assert group.call(1, shm_fns.kept_state, f"many-{i}")["digest"] == trip["digest"]
     _shutdown_all(group, [0, 1])
     group.close()
 

@@ -73,8 +73,8 @@ asyncio, a fake link in tests) own the transport and call into a :class:`Connect
 # ---------
 # ``receive_data()`` only buffers; ``next_event()`` parses (like h11).  Small data is kept in
 # a bytearray with a read offset that is compacted now and then (no quadratic copying).  Once
-# a frame's lengths are known, the payload is allocated in one piece (an anonymous mmap for
-# large payloads, so untouched pages cost nothing) and the message's header and buffers are
+# a frame's lengths are known, the payload is allocated in one piece (a recycled anonymous
+# mapping for large payloads, see ``_recycled``) and the message's header and buffers are
 # memoryviews into it, writable and never copied again.  The receiver lays the parts out in
 # its allocation so that every buffer starts at a 64-byte aligned address (the wire carries
 # no padding), which arrays and tensors built on them need.  Bytes that arrive while a payload is
@@ -87,12 +87,13 @@ import ctypes
 import enum
 import hashlib
 import hmac
-import mmap
 import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
+
+from thenable.rpc import _recycled
 
 __all__ = [
     "MAX_BUFFERS",
@@ -140,11 +141,11 @@ _MAC_BYTES: Final = hashlib.sha256().digest_size
 _AUTH_DOMAIN: Final = b"thenable-auth\x00v1\x00proof\x00"
 _MAX_U32: Final = (1 << 32) - 1
 _MAX_U64: Final = (1 << 64) - 1
-# Payloads at least this big live in an anonymous mmap, whose pages cost nothing until data
-# arrives (a peer's claim of a huge frame commits no memory).  Smaller ones are bytearrays:
-# faulting in fresh pages costs far more here than the allocator's recycled, zeroed memory
-# (a 1 MiB echo over TCP ran 3x faster with 32 MiB here than with 1 MiB).
-_MMAP_THRESHOLD: Final = 1 << 25
+# Payloads of _recycled.MIN_BYTES or more live in recycled anonymous mappings (see that
+# module): a fresh mapping's pages cost nothing until data arrives (a peer's claim of a huge
+# frame commits no memory), and recycled ones are not faulted in again.  Smaller ones are
+# bytearrays: malloc recycles that memory itself (a 1 MiB echo over TCP ran 3x faster with
+# the threshold at 32 MiB than at 1 MiB).
 _ALIGN: Final = 64  # received buffers start at addresses that are multiples of this
 _DIRECT_READ_MIN: Final = 1 << 16  # lend the payload to recv_into only if this much is left
 _SCRATCH_BYTES: Final = 1 << 18  # default size of the get_buffer() staging area
@@ -246,21 +247,22 @@ def _mac(key: bytes, prover_hello: bytes, verifier_hello: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
-def _allocate(nbytes: int) -> bytearray | mmap.mmap:
-    """A zeroed, writable payload area; big ones are mmaps so unreceived pages cost nothing."""
-    if nbytes >= _MMAP_THRESHOLD:
-        return mmap.mmap(-1, nbytes)
+_Payload: TypeAlias = "bytearray | ctypes.Array[ctypes.c_ubyte]"
+
+
+def _allocate(nbytes: int) -> _Payload:
+    """A writable payload area: big ones are lent by ``_recycled``, small ones zeroed."""
+    if nbytes >= _recycled.MIN_BYTES:
+        return _recycled.lend(nbytes)
     return bytearray(nbytes)
 
 
-def _address(buffer: bytearray | mmap.mmap) -> int:
+def _address(buffer: _Payload) -> int:
     """The address of a (non-empty, writable) buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-def _lay_out(
-    header_len: int, lengths: tuple[int, ...]
-) -> tuple[bytearray | mmap.mmap, list[tuple[int, int]]]:
+def _lay_out(header_len: int, lengths: tuple[int, ...]) -> tuple[_Payload, list[tuple[int, int]]]:
     """Allocate a payload and place its parts: (payload, [(offset, length) per part]).
 
     The header goes first; each buffer starts at a multiple of _ALIGN bytes in memory, so
@@ -380,7 +382,7 @@ class Connection:
         self._flags = 0
         self._header_len = 0
         self._lengths: tuple[int, ...] = ()
-        self._payload: bytearray | mmap.mmap | None = None
+        self._payload: _Payload | None = None
         self._payload_view: memoryview | None = None
         self._segments: list[tuple[int, int]] = []  # (offset in payload, length) per part
         self._segment = 0  # index of the part being filled
@@ -854,7 +856,7 @@ class Connection:
         self._total = nbytes
         self._filled = 0
         self._payload, self._segments = _lay_out(self._header_len, self._lengths)
-        self._payload_view = memoryview(self._payload)
+        self._payload_view = memoryview(self._payload).cast("B")
         self._segment = -1
         self._advance_payload(0)
         self._rx = _Rx.PAYLOAD
