@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copyreg
 import ctypes
 import fractions
 import subprocess
@@ -97,6 +98,27 @@ def _raised(exc: BaseException) -> BaseException:
 )
 def test_plain_values_round_trip(value: object) -> None:
     assert _over_the_wire(value) == value
+
+
+class _Registered:
+    """Pickles through a copyreg registration (made by the test, after dumps was used)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def _rebuild_registered(value: int) -> _Registered:
+    return _Registered(-value)  # the sign tells which reduction ran
+
+
+def test_copyreg_registrations_made_later_are_used() -> None:
+    assert loads(*dumps(_Registered(3))).value == 3  # this thread's pickler exists now
+    copyreg.pickle(_Registered, lambda obj: (_rebuild_registered, (obj.value,)))
+    try:
+        assert loads(*dumps(_Registered(3))).value == -3
+    finally:
+        del copyreg.dispatch_table[_Registered]
+    assert loads(*dumps(_Registered(3))).value == 3
 
 
 def test_plain_values_have_no_buffers() -> None:

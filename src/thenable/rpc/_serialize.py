@@ -26,6 +26,7 @@ Unpickling runs code chosen by the sender: only load data from authenticated pee
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import io
 import mmap
@@ -306,6 +307,13 @@ class _Pickler(pickle.Pickler):
         self._ndarray: type | None = None
         self._tensor: type | None = None
         self._strided: object = None
+        # Arrays and tensors (exact types; subclasses such as nn.Parameter pickle their own
+        # way) go to our reducers through the dispatch table, which the C pickler consults
+        # only for objects it has no built-in way for: tuples, dicts, strings... never call
+        # into Python.  (A reducer_override would be called for each of them.)  The table
+        # also holds copyreg's registrations (torch registers some), as of ``_registered``.
+        self.dispatch_table: dict[type, Callable[[Any], Any]] = {}
+        self._registered: dict[Any, Any] | None = None
 
     def run(
         self, obj: object, trim: dict[_RegionKey, tuple[int, int]] | None
@@ -319,10 +327,23 @@ class _Pickler(pickle.Pickler):
         self.extents = {}
         # getattr: another thread may be importing numpy or torch right now, and a module
         # that is still initializing has no attributes yet (then none of its objects exist).
-        self._ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
+        ndarray = getattr(sys.modules.get("numpy"), "ndarray", None)
         torch = sys.modules.get("torch")
-        self._tensor = getattr(torch, "Tensor", None)
+        tensor = getattr(torch, "Tensor", None)
         self._strided = getattr(torch, "strided", None)
+        if (
+            ndarray is not self._ndarray
+            or tensor is not self._tensor
+            or self._registered != copyreg.dispatch_table
+        ):
+            self._ndarray, self._tensor = ndarray, tensor
+            self._registered = dict(copyreg.dispatch_table)
+            table: dict[type, Callable[[Any], Any]] = dict(self._registered)
+            if ndarray is not None:
+                table[ndarray] = self._reduce_ndarray
+            if tensor is not None:
+                table[tensor] = self._reduce_tensor
+            self.dispatch_table = table
         try:
             self.dump(obj)
             return self._file.getvalue(), self._buffers.copy(), self.extents
@@ -334,15 +355,6 @@ class _Pickler(pickle.Pickler):
             self._file.truncate()
             self._trim = None
             self.busy = False
-
-    def reducer_override(self, obj: Any) -> Any:
-        """Route arrays and tensors to the shared-block reducers; everything else as usual."""
-        cls = type(obj)
-        if cls is self._ndarray:
-            return self._reduce_ndarray(obj)
-        if cls is self._tensor:
-            return self._reduce_tensor(obj)
-        return NotImplemented
 
     def _block(
         self,
@@ -400,16 +412,16 @@ class _Pickler(pickle.Pickler):
         fall back to numpy's own pickling.
         """
         if array.dtype.hasobject or array.size == 0:
-            return NotImplemented
+            return _own_reduction(array)
         region = self._numpy_region(array)
         if region is None:
-            return NotImplemented
+            return _own_reduction(array)
         key, flat = region
         low, high = _extent(_ndarray_address(array), array.shape, array.strides, array.itemsize)
         low -= key[1]
         high -= key[1]
         if low < 0 or high > key[2]:
-            return NotImplemented  # e.g. as_strided tricks reaching outside the region
+            return _own_reduction(array)  # e.g. as_strided tricks reaching outside the region
         block, start = self._block(key, low, high, lambda a, b: _Block(flat[a:b]))
         offset = _ndarray_address(array) - key[1] - start
         return (_rebuild_ndarray, (block, offset, array.shape, array.strides, array.dtype))
@@ -428,7 +440,7 @@ class _Pickler(pickle.Pickler):
                 "(tensor.cpu()); device maps are not supported"
             )
         if tensor.layout is not self._strided or tensor.is_quantized or tensor.is_nested:
-            return NotImplemented
+            return _own_reduction(tensor)
         requires_grad = bool(tensor.requires_grad)
         if requires_grad:
             tensor = tensor.detach()
@@ -453,6 +465,11 @@ class _Pickler(pickle.Pickler):
         offset = tensor.storage_offset() - start // itemsize
         dtype = _dtype_name(tensor.dtype)
         return (_rebuild_tensor, (block, dtype, size, stride, offset, requires_grad))
+
+
+def _own_reduction(obj: Any) -> Any:
+    """What pickle does with ``obj`` when no dispatch table names its type."""
+    return obj.__reduce_ex__(_PICKLE_PROTOCOL)
 
 
 def _type_name(obj: object) -> str:
