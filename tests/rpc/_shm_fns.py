@@ -55,6 +55,32 @@ def shutdown_and_count(graceful: bool = True) -> tuple[int, int]:
     return before, after
 
 
+def forget_quickly(idle_s: float) -> None:
+    """Make this worker free shared memory and recycled payload memory left unused for
+    ``idle_s`` seconds, and look for them 20 times as often."""
+    from thenable.rpc import _recycled, _shm, _transport
+
+    _shm.IDLE_S = idle_s
+    _recycled.IDLE_S = idle_s
+    _transport.IDLE_CHECK_S = idle_s / 20
+
+
+def wait_until_freed(timeout: float) -> dict[str, Any]:
+    """Poll (bounded by ``timeout``) until this worker holds no segment, mapping or pooled
+    payload memory; the last report, with the pooled bytes."""
+    from thenable.rpc import _recycled
+
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        state = {**report(), "pooled": _recycled.pooled_bytes()}
+        if state["segments"] == state["maps"] == state["pooled"] == 0:
+            return state
+        if time.monotonic() > deadline:
+            return state
+        time.sleep(0.02)  # polling for the watchdog's next look
+
+
 # -- commands: what the process holds -----------------------------------------------------------
 
 

@@ -722,3 +722,16 @@ def test_recycled_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     held = [_receive_large(b, a, fill) for fill in (1, 2, 3)]
     del held
     assert _recycled.pooled_bytes() == 64 << 20  # one kept, two unmapped
+
+
+@pytest.mark.usefixtures("empty_pool")
+def test_recycled_memory_left_unused_is_dropped() -> None:
+    a, b = _open_pair()
+    message = _receive_large(b, a, 1)
+    del message
+    assert _recycled.pooled_bytes() == 64 << 20  # returned (and stamped) now
+    now = time.monotonic()
+    _recycled.drop_idle(now)
+    assert _recycled.pooled_bytes() == 64 << 20  # returned just now: kept
+    _recycled.drop_idle(now + _recycled.IDLE_S)
+    assert _recycled.pooled_bytes() == 0

@@ -29,6 +29,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,7 @@ from thenable.rpc._protocol import (
 from thenable.rpc._serialize import dumps, loads
 from thenable.rpc._shm import MAX_PENDING_DESCRIPTORS, MAX_SEGMENTS, STAGE_MIN_BYTES
 
+FREED_WITHIN_S = 10.0  # the workers free unused memory after 0.2 s (forget_quickly)
 needs_shm = pytest.mark.skipif(not _shm.available(), reason="needs memfd and file sealing")
 
 MIB = 1 << 20
@@ -638,6 +640,28 @@ def test_free_segments_beyond_the_cache_are_retired_oldest_first(
 
 
 @needs_shm
+def test_segments_left_free_for_idle_s_are_retired(ends: Ends) -> None:
+    """retire_idle (the watchdog's call) retires free segments unused for IDLE_S, and only
+    those: a busy one stays, whatever its age."""
+    outbox, inbox, _ = ends
+    idle = outbox.stage(_message(STAGE_MIN_BYTES, 1))
+    assert idle is not None
+    _deliver(inbox, idle)
+    outbox.release(idle.segment_id)
+    busy = outbox.stage(_message(2 * MIB, 2))  # too big for the free one: a new segment
+    assert busy is not None and busy.segment_id != idle.segment_id
+    _, kept = _deliver(inbox, busy)
+    now = time.monotonic()
+    assert outbox.retire_idle(now) == []  # freed just now
+    assert outbox.retire_idle(now + _shm.IDLE_S) == [idle.segment_id]
+    assert outbox.segment_count() == 1 and outbox.free_count() == 0
+    inbox.retire([idle.segment_id])  # the RETIRE frame's effect
+    assert inbox.segment_count() == 1
+    assert outbox.retire_idle(now + 100 * _shm.IDLE_S) == []  # the busy one stays
+    del kept
+
+
+@needs_shm
 def test_retire_frames_refuse_a_lent_segment(ends: Ends) -> None:
     outbox, inbox, released = ends
     staged = outbox.stage(_message(STAGE_MIN_BYTES, 1))
@@ -1195,6 +1219,31 @@ def test_segments_and_descriptors_stay_bounded(pair: Group) -> None:
             # Every mapping belongs to a connection's segment table: none leaked.
             assert report["maps"] == report["segments"], (rank, report)
         assert after["fds"] <= before["fds"], (rank, before, after)
+
+
+@needs_shm
+@pytest.mark.parametrize(
+    ("same_host_ipc", "nbytes"),
+    [(True, 8 * MIB), (False, 40 * MIB)],
+    ids=["shared memory segments", "recycled payload mappings over TCP"],
+)
+def test_memory_left_unused_is_freed_while_connections_stay_open(
+    make_group: GroupFactory, same_host_ipc: bool, nbytes: int
+) -> None:
+    """After large messages, a quiet worker frees the shared memory segments (both ends,
+    through RETIRE frames) or the recycled mappings of received payloads that it kept for
+    reuse, without closing any connection."""
+    group: Group = make_group(2)
+    group.init_all(shm_fns.init_worker, same_host_ipc=same_host_ipc)
+    group.call_all(shm_fns.forget_quickly, 0.2)
+    assert group.call(0, shm_fns.echo_loop, "worker1", 3, nbytes) == 0
+    for rank in (0, 1):
+        state = group.call(rank, shm_fns.wait_until_freed, FREED_WITHIN_S)
+        assert state["local"] + state["tcp"] >= 1, (rank, state)  # still connected
+        assert state["segments"] == state["maps"] == state["pooled"] == 0, (rank, state)
+    assert group.call(0, shm_fns.echo_loop, "worker1", 2, nbytes) == 0  # and still works
+    _shutdown_all(group, [0, 1])
+    group.close()
 
 
 @needs_shm

@@ -33,7 +33,7 @@ from typing import Any
 
 from thenable._future import Future
 from thenable._pool import InteropPool
-from thenable.rpc import _context
+from thenable.rpc import _context, _recycled
 from thenable.rpc._options import RpcBackendOptions, WorkerInfo
 from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
@@ -631,6 +631,7 @@ class Agent:
         self._deadlines.close()
         self.rrefs.close()
         self.pool.shutdown(wait=False)
+        _recycled.drop_idle()  # received-payload memory kept for reuse: no more receiving
 
 
 class _LocalLink:

@@ -11,7 +11,8 @@ mapping, and the message's buffers (and the arrays and tensors built on them) ar
 it.  When the last of those is collected, the mapping returns to a free list, and the next
 payload of the same size class (a power of two) takes it with its pages already in memory.
 At most ``KEEP_BYTES`` of free mappings are kept per process; beyond that a returned one is
-dropped (and unmapped).  A recycled mapping is not cleared: the receiver overwrites every
+dropped (and unmapped), and so is one left unused for ``IDLE_S`` (``drop_idle``, which the
+transport's watchdog calls).  A recycled mapping is not cleared: the receiver overwrites every
 byte that a message's views show.
 """
 
@@ -20,19 +21,22 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
+import time
 import weakref
 from collections import deque
 from typing import Final
 
-__all__ = ("KEEP_BYTES", "MIN_BYTES", "lend", "pooled_bytes")
+__all__ = ("IDLE_S", "KEEP_BYTES", "MIN_BYTES", "drop_idle", "lend", "pooled_bytes")
 
 MIN_BYTES: Final = 1 << 25
 """Payloads of at least this many bytes are received into recycled mappings."""
 KEEP_BYTES = 256 << 20
 """Most bytes of free mappings one process keeps for reuse."""
+IDLE_S = 5.0
+"""A free mapping unused for this many seconds is dropped."""
 
 _lock = threading.Lock()
-_free: dict[int, list[mmap.mmap]] = {}  # size class -> free mappings
+_free: dict[int, list[tuple[float, mmap.mmap]]] = {}  # size class -> (free since, mapping)
 _free_bytes = 0
 # Mappings whose loan was collected; sorted into _free at the next lend().  Finalizers only
 # append here: they may run in any thread, at any allocation, even one inside _lock.
@@ -49,7 +53,7 @@ def lend(nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
     with _lock:
         _sort_returned_locked()
         spare = _free.get(size)
-        mapping = spare.pop() if spare else None
+        mapping = spare.pop()[1] if spare else None  # the most recently used: warmest
         if mapping is not None:
             _take_locked(size)
     if mapping is None:
@@ -58,6 +62,17 @@ def lend(nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
     returned = weakref.finalize(loan, _returned.append, mapping)
     returned.atexit = False
     return loan
+
+
+def drop_idle(now: float = float("inf")) -> None:
+    """Drop the free mappings unused since ``IDLE_S`` before ``now`` (by default, all)."""
+    global _free_bytes
+    with _lock:
+        _sort_returned_locked()
+        for size, spare in _free.items():
+            kept = [entry for entry in spare if now - entry[0] < IDLE_S]
+            _free_bytes -= size * (len(spare) - len(kept))
+            spare[:] = kept
 
 
 def pooled_bytes() -> int:
@@ -79,5 +94,5 @@ def _sort_returned_locked() -> None:
         mapping = _returned.popleft()
         size = len(mapping)
         if _free_bytes + size <= KEEP_BYTES:
-            _free.setdefault(size, []).append(mapping)
+            _free.setdefault(size, []).append((time.monotonic(), mapping))
             _free_bytes += size

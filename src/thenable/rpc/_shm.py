@@ -32,7 +32,9 @@ Ownership and cleanup rules
    frame lists it and both ends unmap it); when the free ones add up to more than
    ``CACHE_BYTES`` it retires the least recently used (a RETIRE frame tells the peer); when
    every segment is busy (the receiver keeps what it received), or a message is too big, the
-   message goes through the socket as usual.  Staging is an optimization only: any failure
+   message goes through the socket as usual.  A segment left free for ``IDLE_S`` is retired
+   too (by ``retire_idle``, which the transport's watchdog calls), so a quiet connection
+   holds no shared memory.  Staging is an optimization only: any failure
    to stage (no ``memfd_create``, out of memory) falls back to the socket.
 6. When the connection closes, both ends unmap all of its segments, except that a segment
    still lent stays mapped until the application drops what it received (then it is
@@ -61,6 +63,7 @@ import os
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -74,6 +77,7 @@ __all__ = [
     "FLAG_RELEASE",
     "FLAG_RETIRE",
     "FLAG_STAGED",
+    "IDLE_S",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_BYTES",
     "STAGE_MIN_BYTES",
@@ -97,6 +101,8 @@ MAX_SEGMENT_BYTES: Final = 1 << 30
 """Largest segment; bigger messages go through the socket."""
 CACHE_BYTES = 512 << 20
 """Most bytes of free segments one end of a connection keeps for reuse."""
+IDLE_S = 5.0
+"""A segment free for this many seconds is retired."""
 MAX_PENDING_DESCRIPTORS: Final = 8
 """Most received file descriptors waiting for their frame; more is a protocol error."""
 
@@ -133,6 +139,7 @@ class _Segment:
     mapping: mmap.mmap
     busy: bool = False
     last_used: int = 0  # Outbox._uses when last claimed: the cache retires the oldest first
+    free_since: float = 0.0  # time.monotonic() of its last RELEASE
 
     @property
     def size(self) -> int:
@@ -253,6 +260,7 @@ class Outbox:
                     f"the peer released segment {segment_id}, which it did not hold"
                 )
             segment.busy = False
+            segment.free_since = time.monotonic()
             free = sorted(
                 (s for s in self._segments.values() if not s.busy), key=lambda s: s.last_used
             )
@@ -262,6 +270,16 @@ class Outbox:
                     break
                 cached -= spare.size
                 self._retire(spare)
+            retired, self._retired = self._retired, []
+            return retired
+
+    def retire_idle(self, now: float) -> list[int]:
+        """Retire the segments free since ``IDLE_S`` before ``now``; return every retired id
+        not yet announced (send the peer a RETIRE for each)."""
+        with self._lock:
+            for segment in list(self._segments.values()):
+                if not segment.busy and now - segment.free_since >= IDLE_S:
+                    self._retire(segment)
             retired, self._retired = self._retired, []
             return retired
 

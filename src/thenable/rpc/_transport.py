@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from thenable._future import _PER_THREAD
-from thenable.rpc import _shm
+from thenable.rpc import _recycled, _shm
 from thenable.rpc._protocol import (
     Connection,
     ConnectionClosed,
@@ -339,6 +339,14 @@ class PeerConnection:
                 if self._reader is me:
                     self._inline_since = None
 
+    def _retire_idle(self, now: float) -> None:
+        """The watchdog's look: retire the shared memory segments left free for
+        ``_shm.IDLE_S`` (the RETIRE frames go out with the watchdog's flush)."""
+        if self._outbox is None or self._closing:
+            return
+        for segment_id in self._outbox.retire_idle(now):
+            self._queue_control(segment_id, _shm.FLAG_RETIRE)
+
     def _check_inline(self, now: float) -> None:
         """The watchdog's look: take the reading over from a handler run inline too long."""
         since = self._inline_since
@@ -413,12 +421,16 @@ def _noop() -> None:
 
 INLINE_PATIENCE_S = 0.01
 """How long a request run by a connection's reader may keep others from being read."""
+IDLE_CHECK_S = 1.0
+"""How often the watchdog looks for memory left unused."""
 
 
 class _Watchdog:
     """One thread per process that, every ``INLINE_PATIENCE_S`` while any connection is
     open, hands reading to a new thread where a request run inline has taken too long, and
-    writes frames that were left queued for a sender that did not come."""
+    writes frames that were left queued for a sender that did not come; and every
+    ``IDLE_CHECK_S``, frees the shared memory segments and received-payload mappings that
+    were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -435,6 +447,7 @@ class _Watchdog:
                 self._thread.start()
 
     def _run(self) -> None:
+        idle_checked = time.monotonic()
         while True:
             time.sleep(INLINE_PATIENCE_S)  # a periodic look, like a scheduler tick
             with self._lock:
@@ -443,6 +456,11 @@ class _Watchdog:
                     self._thread = None
                     return
             now = time.monotonic()
+            if now - idle_checked >= IDLE_CHECK_S:
+                idle_checked = now
+                _recycled.drop_idle(now)
+                for conn in connections:
+                    conn._retire_idle(now)
             for conn in connections:
                 conn._check_inline(now)
                 if conn._queue:  # frames left for a sender that did not come (RELEASEs)
