@@ -55,6 +55,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import resource
 import shutil
 import socket
 import statistics
@@ -88,6 +89,12 @@ perf = time.perf_counter
 def noop(*args: Any) -> None:
     """The no-op of the latency and throughput measurements."""
     return None
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far (every thread), user plus system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def identity(x: T) -> T:
@@ -313,7 +320,10 @@ def _measure_pair(
 
     for _ in range(it.sync_warm):
         sync_noop()
+    there, here = rpc.rpc_sync(dst, cpu_seconds), cpu_seconds()
     rep.value("sync_noop_s", _per_op(sync_noop, it.sync_n, it.sync_samples))
+    spent = cpu_seconds() - here + rpc.rpc_sync(dst, cpu_seconds) - there
+    rep.value("sync_cpu_s", spent / (it.sync_n * it.sync_samples))
 
     rep.enter("rpc_sync torch.add")
     small = torch.ones(2)
@@ -618,6 +628,7 @@ METRICS = (
     Metric("echo1_gbps", "echo of a 1 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
     Metric("echo100_gbps", "echo of a 100 MiB float32 tensor (bytes both ways)", "rate", "GB/s", 2),
     Metric("remote_s", "remote(torch.add, (ones(2), 3)).to_here()", "time", "us", 0.5),
+    Metric("sync_cpu_s", "CPU per no-op rpc_sync, both processes [info]", "time", "us", None),
     Metric("sync_add_s", "rpc_sync(torch.add, (ones(2), 3)) [info]", "time", "us", None),
     Metric("echo1_s", "echo of a 1 MiB float32 tensor, round trip [info]", "time", "ms", None),
     Metric("echo100_s", "echo of a 100 MiB float32 tensor, round trip [info]", "time", "ms", None),
