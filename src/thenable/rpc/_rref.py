@@ -388,8 +388,10 @@ class RRef(Generic[T]):
             timeout: seconds; -1 for the RPC default, 0 for no limit.
 
         Raises:
-            TimeoutError: the value did not arrive in time.
-            Exception: whatever creating the value raised.
+            TimeoutError: the value did not arrive in time, or ``remote()``'s creation call
+                timed out (as in torch: the RRef's next use raises it).
+            Exception: whatever creating the value raised, or the error that made the owner
+                refuse ``remote()``'s request (an argument it could not unpickle, say).
         """
         agent = self._agent
         if self.is_owner():

@@ -34,8 +34,8 @@ Ownership and cleanup rules
    every segment is busy (the receiver keeps what it received), or a message is too big, the
    message goes through the socket as usual.  A segment left free for ``IDLE_S`` is retired
    too (by ``retire_idle``, which the transport's watchdog calls), so a quiet connection
-   holds no shared memory.  Staging is an optimization only: any failure
-   to stage (no ``memfd_create``, out of memory) falls back to the socket.
+   holds no shared memory.  Staging is an optimization only: any failure to stage (no
+   ``memfd_create``, out of memory) falls back to the socket.
 6. When the connection closes, both ends unmap all of its segments, except that a segment
    still lent stays mapped until the application drops what it received (then it is
    unmapped and freed).  A peer that crashes closes the connection, so the survivor frees
