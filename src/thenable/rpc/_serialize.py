@@ -491,6 +491,9 @@ def _hint(obj: object, error: BaseException) -> str:
     )
 
 
+_ATOMS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
 def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     """Pickle ``obj`` into a header and zero-copy out-of-band buffers.
 
@@ -498,6 +501,8 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     buffers have been sent.  Raises :class:`SerializationError` if something cannot be
     pickled.
     """
+    if type(obj) in _ATOMS:  # (replies mostly) nothing inside to share or send out of band
+        return pickle.dumps(obj, _PICKLE_PROTOCOL), []
     header, buffers, extents = _dump(obj, None)
     waste = sum(key[2] - (high - low) for key, (low, high) in extents.items())
     if waste >= max(_TRIM_MIN_WASTE, 8 * len(header)):
