@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -734,4 +735,17 @@ def test_recycled_memory_left_unused_is_dropped() -> None:
     _recycled.drop_idle(now)
     assert _recycled.pooled_bytes() == 64 << 20  # returned just now: kept
     _recycled.drop_idle(now + _recycled.IDLE_S)
+    assert _recycled.pooled_bytes() == 0
+
+
+@pytest.mark.usefixtures("empty_pool")
+def test_payloads_too_big_to_keep_get_a_mapping_of_their_own_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_recycled, "KEEP_BYTES", 32 << 20)
+    kept = _recycled.lend(33 << 20)  # rounded up: 64 MiB, more than may be kept
+    exported: Any = kept._objects  # ctypes keeps the exported view of the mapping here
+    (mapping,) = exported.values()
+    assert mapping.nbytes == 33 << 20
+    del kept, mapping
     assert _recycled.pooled_bytes() == 0

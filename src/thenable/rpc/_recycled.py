@@ -9,7 +9,8 @@ threshold, where malloc reuses its memory).
 So the mappings are recycled here.  A payload is *lent*: it is one ctypes array over a
 mapping, and the message's buffers (and the arrays and tensors built on them) are views of
 it.  When the last of those is collected, the mapping returns to a free list, and the next
-payload of the same size class (a power of two) takes it with its pages already in memory.
+payload of the same size class (a power of two) takes it with its pages already in memory
+(payloads too big to be kept get a mapping of their own size).
 At most ``KEEP_BYTES`` of free mappings are kept per process; beyond that a returned one is
 dropped (and unmapped), and so is one left unused for ``IDLE_S`` (``drop_idle``, which the
 transport's watchdog calls).  A recycled mapping is not cleared: the receiver overwrites every
@@ -50,6 +51,8 @@ def lend(nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:
     every view of it are gone.
     """
     size = 1 << (nbytes - 1).bit_length()
+    if size > KEEP_BYTES:  # never kept, so no use rounding up (and reserving more)
+        size = nbytes
     with _lock:
         _sort_returned_locked()
         spare = _free.get(size)
