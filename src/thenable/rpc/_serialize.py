@@ -455,6 +455,16 @@ class _Pickler(pickle.Pickler):
             return (_rebuild_tensor, (empty, dtype, size, stride, 0, requires_grad))
         storage = tensor.untyped_storage()
         key = ("torch", storage.data_ptr(), storage.nbytes())
+        if key[2] <= _IN_BAND_BYTES:
+            # A small storage travels whole inside the header: a copy of its bytes, made
+            # once per message (the block, shared by every tensor on it, keeps it alive).
+            small = self._blocks.get((key, 0, key[2]))
+            if small is None:
+                data = bytearray(ctypes.string_at(key[1], key[2]))
+                small = self._blocks[(key, 0, key[2])] = _StorageBlock(data, storage)
+            dtype = _dtype_name(tensor.dtype)
+            offset = tensor.storage_offset()
+            return (_rebuild_tensor, (small, dtype, size, stride, offset, requires_grad))
         byte_strides = tuple(n * itemsize for n in stride)
         low, high = _extent(tensor.storage_offset() * itemsize, size, byte_strides, itemsize)
 
