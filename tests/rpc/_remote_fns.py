@@ -798,6 +798,16 @@ def check_user_rref() -> dict[str, Any]:
     return out
 
 
+def confirmed_without_other_calls() -> bool:
+    """remote() alone, then no other call: its owner's confirmation (a reply the owner may
+    hold back for its next frame) still arrives, within the transport watchdog's tick."""
+    rref = rpc.remote("worker1", Counter, args=(1,))
+    deadline = time.monotonic() + 5.0  # far more than the watchdog's 10 ms tick
+    while not rref.confirmed_by_owner() and time.monotonic() < deadline:
+        time.sleep(0.005)  # polling: no RPC traffic that would carry the reply along
+    return rref.confirmed_by_owner()
+
+
 def check_undecodable_creation() -> dict[str, Any]:
     """remote() whose request the owner cannot decode (an argument fails to unpickle there):
     to_here() and the proxies fail with that error instead of waiting for a value that never

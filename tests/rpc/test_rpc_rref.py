@@ -57,6 +57,10 @@ def test_remote_gives_a_user_rref(group: Group) -> None:
     _failure(out["failed_creation"], "_remote_fns.CustomError", "no value")
 
 
+def test_remote_is_confirmed_without_further_traffic(group: Group) -> None:
+    assert group.call(0, fns.confirmed_without_other_calls) is True
+
+
 def test_remote_whose_request_the_owner_cannot_decode_fails_its_users(group: Group) -> None:
     out = group.call(0, fns.check_undecodable_creation)
     for key in ("to_here", "to_here_again"):

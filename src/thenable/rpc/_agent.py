@@ -48,7 +48,7 @@ from thenable.rpc._sockets import (
     local_address,
 )
 from thenable.rpc._transport import PeerConnection
-from thenable.rpc.functions import is_async_execution
+from thenable.rpc.functions import is_async_execution, may_reply_later
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
 
@@ -540,7 +540,7 @@ class Agent:
         except BaseException as exc:
             self._send_error(link, request_id, exc)
             return
-        self._send_result(link, request_id, result)
+        self._send_result(link, request_id, result, defer=may_reply_later(fn))
 
     def _reply_with(self, link: Any, request_id: int, done: Future[Any]) -> None:
         if done._exception is not None:
@@ -548,14 +548,14 @@ class Agent:
         else:
             self._send_result(link, request_id, done._result)
 
-    def _send_result(self, link: Any, request_id: int, result: Any) -> None:
+    def _send_result(self, link: Any, request_id: int, result: Any, *, defer: bool = False) -> None:
         try:
             with _context.sending(self, link.peer_rank, is_request=False) as record:
                 header, buffers = dumps(result)
         except Exception as exc:
             self._send_error(link, request_id, exc)
             return
-        if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers):
+        if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers, defer):
             record.sent()
         else:
             record.unsent()
@@ -571,9 +571,10 @@ class Agent:
         request_id: int,
         header: bytes,
         buffers: list[memoryview],
+        defer: bool = False,
     ) -> bool:
         try:
-            link.send(kind, request_id, header, buffers)
+            link.send(kind, request_id, header, buffers, defer=defer)
         except ConnectionError as exc:
             _LOGGER.info("could not reply to request %d: %s", request_id, exc)
             return False
@@ -658,6 +659,8 @@ class _LocalLink:
         request_id: int,
         header: bytes,
         buffers: Sequence[memoryview] = (),
+        *,
+        defer: bool = False,
     ) -> None:
         copies = [memoryview(bytearray(b)) for b in buffers]  # the callee owns its data
         message = Message(kind, request_id, 0, memoryview(header), copies)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context
 from thenable.rpc._options import WorkerInfo
-from thenable.rpc.functions import async_execution, is_async_execution
+from thenable.rpc.functions import async_execution, is_async_execution, reply_may_wait
 
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
@@ -600,6 +600,7 @@ def _produce(
 # -- functions run on the owner, by RPC ------------------------------------------------------
 
 
+@reply_may_wait  # its caller goes on without it; to_here()'s reply usually follows at once
 def _remote_create(
     rref_id: RRefId,
     fork: ForkId,

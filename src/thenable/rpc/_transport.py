@@ -123,18 +123,26 @@ class PeerConnection:
         request_id: int,
         header: bytes,
         buffers: Sequence[memoryview] = (),
+        *,
+        defer: bool = False,
     ) -> None:
         """Send one message; raises ConnectionError if the connection is (or becomes) broken.
 
         A message without buffers (its header is an immutable bytes object) may be written
         later by another thread, batched with others, so that threads replying on one
-        connection never queue up on its lock.  A message with buffers is written before
-        this returns: the buffers are the caller's memory, which may change afterwards.
+        connection never queue up on its lock; with ``defer``, it waits for the next frame
+        sent on this connection (or the watchdog, within ``INLINE_PATIENCE_S``), which saves
+        a write when one follows soon.  A message with buffers is written before this
+        returns: the buffers are the caller's memory, which may change afterwards.
         """
         if self._closed:
             raise ConnectionError(f"connection to {self.description} is closed")
         if not buffers:
-            self._enqueue(self._protocol.send_message(kind, request_id, header))
+            frame = self._protocol.send_message(kind, request_id, header)
+            if defer:
+                self._queue.append(frame)
+            else:
+                self._enqueue(frame)
             return
         self._send_lock.acquire()
         error: BaseException | None = None
@@ -463,8 +471,9 @@ class _Watchdog:
                     conn._retire_idle(now)
             for conn in connections:
                 conn._check_inline(now)
-                if conn._queue:  # frames left for a sender that did not come (RELEASEs)
-                    # In a thread of its own: a write can block, and this thread must not.
+                if conn._queue:  # frames left for a sender that did not come (RELEASEs,
+                    # deferred replies).  In a thread of its own: a write can block, and
+                    # this thread must not.
                     threading.Thread(
                         target=conn._flush_soon, name="thenable-rpc-flush", daemon=True
                     ).start()

@@ -42,3 +42,20 @@ def async_execution(fn: F) -> F:
 def is_async_execution(fn: object) -> bool:
     """Whether ``fn`` (a function, bound method or static/class method) is ``async_execution``."""
     return getattr(fn, _MARKER, None) is not None
+
+
+_DEFERRED = "_thenable_reply_may_wait"
+
+
+def reply_may_wait(fn: F) -> F:
+    """(Internal) Mark an RPC function whose reply the caller does not wait for at once (the
+    confirmation of ``remote()``'s creation request): the callee sends it with its next frame
+    to the caller, or within the transport watchdog's tick, instead of in a write of its own.
+    """
+    setattr(fn, _DEFERRED, True)
+    return fn
+
+
+def may_reply_later(fn: object) -> bool:
+    """Whether ``fn`` is marked with ``reply_may_wait``."""
+    return getattr(fn, _DEFERRED, False) is True
