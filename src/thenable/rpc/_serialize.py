@@ -238,13 +238,48 @@ def _rebuild_tensor(
     """Receiver side of a CPU tensor: a view into the shared storage."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"torch.{dtype_name} is not a dtype")
-    tensor = torch.empty(0, dtype=dtype).set_(storage, storage_offset, size, stride)
+    tensor = torch.empty(0, dtype=_torch_dtype(dtype_name))
+    tensor.set_(storage, storage_offset, size, stride)
     if requires_grad:
         tensor.requires_grad_(True)
     return tensor
+
+
+def _rebuild_small_tensor(
+    data: bytearray,
+    dtype_name: str,
+    size: tuple[int, ...],
+    stride: tuple[int, ...] | None,
+    storage_offset: int,
+    requires_grad: bool,
+) -> Any:
+    """Receiver side of a tensor whose storage travelled in the header, as ``data`` (every
+    tensor of that storage in the message gets the same bytearray, so they share memory).
+
+    ``stride`` None: the tensor is its whole storage, contiguous, which takes the fewest torch
+    calls (each is costly when the dispatcher's code has left the cache).
+    """
+    import torch
+
+    if stride is None:
+        tensor = torch.frombuffer(data, dtype=_torch_dtype(dtype_name))
+        if len(size) != 1:
+            tensor = tensor.view(size)
+        if requires_grad:
+            tensor.requires_grad_(True)
+        return tensor
+    storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
+    return _rebuild_tensor(storage, dtype_name, size, stride, storage_offset, requires_grad)
+
+
+def _torch_dtype(name: str) -> Any:
+    """``torch.<name>``, which must be a dtype (the name comes from the peer)."""
+    import torch
+
+    dtype = getattr(torch, name)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"torch.{name} is not a dtype")
+    return dtype
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -379,13 +414,16 @@ class _Pickler(pickle.Pickler):
             block = self._blocks[block_key] = make(start, end)
         return block, start
 
-    def _numpy_region(self, array: Any) -> tuple[_RegionKey, Any] | None:
-        """The region an ndarray lives in, as (key, flat uint8 view of it), or None."""
+    def _numpy_region(self, array: Any, address: int) -> tuple[_RegionKey, Any] | None:
+        """The region an ndarray (whose data starts at ``address``) lives in, as (key, flat
+        uint8 view of it), or None."""
         import numpy as np
 
-        root = array
-        while type(root.base) is self._ndarray:
-            root = root.base
+        root, root_address = array, address
+        if type(root.base) is self._ndarray:
+            while type(root.base) is self._ndarray:
+                root = root.base
+            root_address = _ndarray_address(root)
         owner = root.base
         if owner is not None:  # bytes, bytearray, mmap, memoryview, ...: use all of it
             try:
@@ -393,17 +431,15 @@ class _Pickler(pickle.Pickler):
             except Exception:  # not a flat buffer (e.g. a capsule): use the root array
                 pass
             else:
-                address = _ndarray_address(whole)
-                root_low, root_high = _extent(
-                    _ndarray_address(root), root.shape, root.strides, root.itemsize
-                )
-                if address <= root_low and root_high <= address + whole.nbytes:
-                    return ("numpy", address, whole.nbytes), whole
+                start = _ndarray_address(whole)
+                root_low, root_high = _extent(root_address, root.shape, root.strides, root.itemsize)
+                if start <= root_low and root_high <= start + whole.nbytes:
+                    return ("numpy", start, whole.nbytes), whole
         flags = root.flags
         if not (flags.c_contiguous or flags.f_contiguous):
             return None
         flat = root.reshape(-1, order="C" if flags.c_contiguous else "F").view(np.uint8)
-        return ("numpy", _ndarray_address(root), root.nbytes), flat
+        return ("numpy", root_address, root.nbytes), flat
 
     def _reduce_ndarray(self, array: Any) -> Any:
         """(rebuild, (block, offset, shape, strides, dtype)) for an array in a shared block.
@@ -413,17 +449,18 @@ class _Pickler(pickle.Pickler):
         """
         if array.dtype.hasobject or array.size == 0:
             return _own_reduction(array)
-        region = self._numpy_region(array)
+        address = _ndarray_address(array)  # (each look builds a dict: once per array)
+        region = self._numpy_region(array, address)
         if region is None:
             return _own_reduction(array)
         key, flat = region
-        low, high = _extent(_ndarray_address(array), array.shape, array.strides, array.itemsize)
+        low, high = _extent(address, array.shape, array.strides, array.itemsize)
         low -= key[1]
         high -= key[1]
         if low < 0 or high > key[2]:
             return _own_reduction(array)  # e.g. as_strided tricks reaching outside the region
         block, start = self._block(key, low, high, lambda a, b: _Block(flat[a:b]))
-        offset = _ndarray_address(array) - key[1] - start
+        offset = address - key[1] - start
         return (_rebuild_ndarray, (block, offset, array.shape, array.strides, array.dtype))
 
     def _reduce_tensor(self, tensor: Any) -> Any:
@@ -461,10 +498,15 @@ class _Pickler(pickle.Pickler):
             small = self._blocks.get((key, 0, key[2]))
             if small is None:
                 data = bytearray(ctypes.string_at(key[1], key[2]))
-                small = self._blocks[(key, 0, key[2])] = _StorageBlock(data, storage)
+                small = self._blocks[(key, 0, key[2])] = _Block(data, storage)
             dtype = _dtype_name(tensor.dtype)
             offset = tensor.storage_offset()
-            return (_rebuild_tensor, (small, dtype, size, stride, offset, requires_grad))
+            whole = not offset and key[2] == tensor.numel() * itemsize and tensor.is_contiguous()
+            layout = None if whole else stride
+            return (
+                _rebuild_small_tensor,
+                (small.source, dtype, size, layout, offset, requires_grad),
+            )
         byte_strides = tuple(n * itemsize for n in stride)
         low, high = _extent(tensor.storage_offset() * itemsize, size, byte_strides, itemsize)
 
