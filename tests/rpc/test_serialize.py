@@ -433,6 +433,27 @@ def test_torch_views_share_one_storage_after_load(rows: int) -> None:
     assert got_t[0, 1] == -1.0
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda torch: torch.tensor(3.0),  # 0-d
+        lambda torch: torch.tensor([1.0, 2.0], requires_grad=True),
+        lambda torch: torch.ones(1, 1, 1, dtype=torch.int16),
+        lambda torch: torch.arange(6.0).view(2, 3).t(),  # not contiguous
+        lambda torch: torch.arange(6).view(2, 3)[1],  # not at the start of its storage
+    ],
+    ids=["0-d", "requires_grad", "3-d", "transposed", "offset"],
+)
+def test_torch_small_tensors_keep_shape_strides_and_grad(make: Any) -> None:
+    torch = pytest.importorskip("torch")
+    tensor = make(torch)
+    got = _over_the_wire(tensor)
+    assert torch.equal(got.detach(), tensor.detach())
+    assert got.shape == tensor.shape and got.stride() == tensor.stride()
+    assert got.storage_offset() == tensor.storage_offset()
+    assert got.requires_grad == tensor.requires_grad
+
+
 def test_torch_small_slice_of_a_big_tensor_sends_only_the_slice() -> None:
     torch = pytest.importorskip("torch")
     big = torch.arange(1_000_000, dtype=torch.float64)
