@@ -293,6 +293,27 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
+def _itemsize(dtype: Any) -> int:
+    """Bytes per element of a torch dtype (``dtype.itemsize`` from torch 2.1)."""
+    itemsize = getattr(dtype, "itemsize", None)
+    if itemsize is None:
+        import torch
+
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+    return int(itemsize)
+
+
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a tensor of this size and stride is C-contiguous (as ``is_contiguous()``,
+    without a trip into torch: dimensions of one element may have any stride)."""
+    expected = 1
+    for n, step in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and step != expected:
+            return False
+        expected *= n
+    return True
+
+
 def _storage_bytes(storage: Any) -> memoryview:
     """A writable byte view of a CPU storage's memory that keeps the storage alive."""
     nbytes = storage.nbytes()
@@ -481,17 +502,19 @@ class _Pickler(pickle.Pickler):
         requires_grad = bool(tensor.requires_grad)
         if requires_grad:
             tensor = tensor.detach()
-        if tensor.is_conj() or tensor.is_neg():
+        dtype = tensor.dtype
+        if dtype.is_complex and (tensor.is_conj() or tensor.is_neg()):
             tensor = tensor.resolve_conj().resolve_neg()  # lazy views; send materialized
         size = tuple(tensor.shape)
-        stride = tuple(tensor.stride())
-        itemsize = tensor.element_size()
-        if tensor.numel() == 0:
+        stride = tensor.stride()
+        itemsize = _itemsize(dtype)
+        numel = tensor.numel()
+        if numel == 0:
             empty = _StorageBlock(memoryview(bytearray()))
-            dtype = _dtype_name(tensor.dtype)
-            return (_rebuild_tensor, (empty, dtype, size, stride, 0, requires_grad))
+            return (_rebuild_tensor, (empty, _dtype_name(dtype), size, stride, 0, requires_grad))
         storage = tensor.untyped_storage()
         key = ("torch", storage.data_ptr(), storage.nbytes())
+        offset = tensor.storage_offset()
         if key[2] <= _IN_BAND_BYTES:
             # A small storage travels whole inside the header: a copy of its bytes, made
             # once per message (the block, shared by every tensor on it, keeps it alive).
@@ -499,24 +522,19 @@ class _Pickler(pickle.Pickler):
             if small is None:
                 data = bytearray(ctypes.string_at(key[1], key[2]))
                 small = self._blocks[(key, 0, key[2])] = _Block(data, storage)
-            dtype = _dtype_name(tensor.dtype)
-            offset = tensor.storage_offset()
-            whole = not offset and key[2] == tensor.numel() * itemsize and tensor.is_contiguous()
+            whole = not offset and key[2] == numel * itemsize and _contiguous(size, stride)
             layout = None if whole else stride
-            return (
-                _rebuild_small_tensor,
-                (small.source, dtype, size, layout, offset, requires_grad),
-            )
+            rebuild = (small.source, _dtype_name(dtype), size, layout, offset, requires_grad)
+            return (_rebuild_small_tensor, rebuild)
         byte_strides = tuple(n * itemsize for n in stride)
-        low, high = _extent(tensor.storage_offset() * itemsize, size, byte_strides, itemsize)
+        low, high = _extent(offset * itemsize, size, byte_strides, itemsize)
 
         def make(start: int, end: int) -> _Block:
             return _StorageBlock(_storage_bytes(storage)[start:end], storage)
 
         block, start = self._block(key, low, high, make)
-        offset = tensor.storage_offset() - start // itemsize
-        dtype = _dtype_name(tensor.dtype)
-        return (_rebuild_tensor, (block, dtype, size, stride, offset, requires_grad))
+        offset -= start // itemsize
+        return (_rebuild_tensor, (block, _dtype_name(dtype), size, stride, offset, requires_grad))
 
 
 def _own_reduction(obj: Any) -> Any:
