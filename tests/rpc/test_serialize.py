@@ -121,6 +121,17 @@ def test_copyreg_registrations_made_later_are_used() -> None:
     assert loads(*dumps(_Registered(3))).value == 3
 
 
+def test_builtin_functions_travel_by_their_module_level_name() -> None:
+    torch = pytest.importorskip("torch")
+    header, _ = dumps(torch.add)
+    assert b"_VariableFunctionsClass" not in header  # torch's qualified name is not written
+    assert loads(header) is torch.add
+    items: list[int] = []
+    appended = loads(*dumps(items.append))  # a bound built-in: pickled as before
+    appended(1)
+    assert appended.__self__ == [1]
+
+
 def test_plain_values_have_no_buffers() -> None:
     header, buffers = dumps({"a": [1, 2.0, "x"]})
     assert buffers == []

@@ -395,6 +395,7 @@ class _Pickler(pickle.Pickler):
             self._ndarray, self._tensor = ndarray, tensor
             self._registered = dict(copyreg.dispatch_table)
             table: dict[type, Callable[[Any], Any]] = dict(self._registered)
+            table.setdefault(types.BuiltinFunctionType, _reduce_builtin)
             if ndarray is not None:
                 table[ndarray] = self._reduce_ndarray
             if tensor is not None:
@@ -535,6 +536,16 @@ class _Pickler(pickle.Pickler):
         block, start = self._block(key, low, high, make)
         offset -= start // itemsize
         return (_rebuild_tensor, (block, _dtype_name(dtype), size, stride, offset, requires_grad))
+
+
+def _reduce_builtin(fn: Any) -> Any:
+    """A built-in function that its module has under its own name (``torch.add``) is sent as
+    that name: torch's have a longer qualified name (``_VariableFunctionsClass.add``) that
+    pickle would otherwise write, check and look up part by part on both ends."""
+    name = fn.__name__
+    if getattr(sys.modules.get(fn.__module__ or ""), name, None) is fn:
+        return name  # pickle: the global ``fn.__module__ + "." + name``
+    return _own_reduction(fn)
 
 
 def _own_reduction(obj: Any) -> Any:
