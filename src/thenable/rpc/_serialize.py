@@ -222,6 +222,14 @@ def _extent(
     return low, high + itemsize
 
 
+def _flat_bytes(memory: Any) -> Any:
+    """A flat uint8 view of a C- or F-contiguous array, in memory order."""
+    import numpy as np
+
+    order = "C" if memory.flags.c_contiguous else "F"
+    return memory.reshape(-1, order=order).view(np.uint8)
+
+
 def _ndarray_address(array: Any) -> int:
     address: int = array.__array_interface__["data"][0]
     return address
@@ -437,8 +445,8 @@ class _Pickler(pickle.Pickler):
         return block, start
 
     def _numpy_region(self, array: Any, address: int) -> tuple[_RegionKey, Any] | None:
-        """The region an ndarray (whose data starts at ``address``) lives in, as (key, flat
-        uint8 view of it), or None."""
+        """The region an ndarray (whose data starts at ``address``) lives in, as (key, an
+        array that is exactly its memory, C- or F-contiguous), or None."""
         import numpy as np
 
         root, root_address = array, address
@@ -460,8 +468,7 @@ class _Pickler(pickle.Pickler):
         flags = root.flags
         if not (flags.c_contiguous or flags.f_contiguous):
             return None
-        flat = root.reshape(-1, order="C" if flags.c_contiguous else "F").view(np.uint8)
-        return ("numpy", root_address, root.nbytes), flat
+        return ("numpy", root_address, root.nbytes), root
 
     def _reduce_ndarray(self, array: Any) -> Any:
         """(rebuild, (block, offset, shape, strides, dtype)) for an array in a shared block.
@@ -475,15 +482,28 @@ class _Pickler(pickle.Pickler):
         region = self._numpy_region(array, address)
         if region is None:
             return _own_reduction(array)
-        key, flat = region
+        key, memory = region
         low, high = _extent(address, array.shape, array.strides, array.itemsize)
         low -= key[1]
         high -= key[1]
         if low < 0 or high > key[2]:
             return _own_reduction(array)  # e.g. as_strided tricks reaching outside the region
+        dtype = array.dtype
+        if dtype.fields is None and dtype.subdtype is None:
+            dtype = dtype.str  # ("<f4": far cheaper to pickle and rebuild than the object)
+        if key[2] <= _IN_BAND_BYTES:
+            # A small region travels whole inside the header, as one bytearray per message
+            # that every array in it shares (pickle's memo).
+            small = self._blocks.get((key, 0, key[2]))
+            if small is None:
+                data = bytearray(memory.tobytes(order="A"))  # (in memory order)
+                small = self._blocks[(key, 0, key[2])] = _Block(data, memory)
+            offset = address - key[1]
+            return (_rebuild_ndarray, (small.source, offset, array.shape, array.strides, dtype))
+        flat = _flat_bytes(memory)
         block, start = self._block(key, low, high, lambda a, b: _Block(flat[a:b]))
         offset = address - key[1] - start
-        return (_rebuild_ndarray, (block, offset, array.shape, array.strides, array.dtype))
+        return (_rebuild_ndarray, (block, offset, array.shape, array.strides, dtype))
 
     def _reduce_tensor(self, tensor: Any) -> Any:
         """(rebuild, (storage block, dtype, size, stride, offset, requires_grad)).
