@@ -279,6 +279,21 @@ def test_small_arrays_and_tensors_travel_in_the_header(nbytes: int) -> None:
     assert array[0] == tensor[0] == 0
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_numpy_small_views_of_one_array_share_memory_after_load(order: str) -> None:
+    np = pytest.importorskip("numpy")
+    base = np.asarray(np.arange(20.0).reshape(4, 5), order=order)  # 160 B: in the header
+    views = [base, base[::-1, ::2], base.T, base[1:, :]]
+    header, buffers = dumps(views)
+    assert not buffers
+    got = loads(header)
+    for view, back in zip(views, got, strict=True):
+        assert np.array_equal(back, view) and back.strides == view.strides
+    got[0][2, 0] = -1.0
+    assert got[1][1, 0] == got[2][0, 2] == got[3][1, 0] == -1.0
+    assert base[2, 0] == 10.0  # the sender's array is untouched
+
+
 @pytest.mark.parametrize("dtype", ["float32", "int8", "complex128", "bool", ">i4", "U3"])
 def test_numpy_dtypes(dtype: str) -> None:
     np = pytest.importorskip("numpy")
