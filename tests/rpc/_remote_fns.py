@@ -950,6 +950,43 @@ def check_refcount_churn(tag: str, rounds: int) -> dict[str, Any]:
     return out
 
 
+def check_remote_churn_from_threads(threads: int, rounds: int) -> dict[str, Any]:
+    """``threads`` threads each make ``rounds`` remote() values on worker1 and fetch them, one
+    in five with an argument worker1 cannot decode, and use one in three through a proxy;
+    every RRef is dropped at once.  Every value comes back right, every failure is the
+    decoding error, and once the releases are in, worker1 holds none of the values."""
+    _settle_everywhere()
+    base = rpc.rpc_sync("worker1", owner_table_size)
+    wrong: list[str] = []
+
+    def churn(seed: int) -> None:
+        for i in range(rounds):
+            bad = (seed + i) % 5 == 0
+            rref = rpc.remote("worker1", echo, args=(TwoArgError("a", "b") if bad else i,))
+            try:
+                got = rref.rpc_sync().__len__() if i % 3 == 0 else rref.to_here()
+            except Exception as exc:
+                if not bad or "TwoArgError" not in str(exc):
+                    wrong.append(f"{seed}/{i}: {exc!r}")
+            else:
+                if bad or got != (1 if i % 3 == 0 else (i,)):
+                    wrong.append(f"{seed}/{i}: got {got!r}")
+            del rref
+
+    workers = [threading.Thread(target=churn, args=(seed,)) for seed in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(WAIT_S)
+    size, round_trips = _poll_table("worker1", base)
+    return {
+        "wrong": wrong,
+        "alive": [w.name for w in workers if w.is_alive()],
+        "left": size - base,
+        "settled": round_trips < POLL_ROUND_TRIPS,
+    }
+
+
 def check_rref_kept_over_shutdown(tag: str) -> str:
     """worker2 keeps a reference to a worker1 value until RPC shuts down."""
     rref = rpc.remote("worker1", make_tracked, args=(tag,))

@@ -138,6 +138,12 @@ def test_reference_counting_under_concurrent_forks_and_releases(group: Group) ->
     assert out["early_left"] == 0
 
 
+def test_remote_values_and_failures_from_many_threads_are_all_freed(group: Group) -> None:
+    out = group.call(0, fns.check_remote_churn_from_threads, 4, 60)
+    assert out["wrong"] == [] and out["alive"] == []
+    assert out["left"] == 0 and out["settled"] is True
+
+
 def test_nothing_outlives_shutdown(group: Group) -> None:
     """Shuts the module's group down: worker2 still holds a reference to a worker1 value."""
     assert group.call(0, fns.check_rref_kept_over_shutdown, "kept") == "worker1"
