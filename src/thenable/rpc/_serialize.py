@@ -444,6 +444,17 @@ class _Pickler(pickle.Pickler):
             block = self._blocks[block_key] = make(start, end)
         return block, start
 
+    def _whole_in_header(self, key: _RegionKey, keepalive: object) -> bytearray:
+        """A small region's bytes (at most ``_IN_BAND_BYTES``), copied once per message into
+        a bytearray that travels inside the header and that every array or tensor in the
+        region shares (pickle's memo); ``keepalive`` holds the region's memory meanwhile."""
+        block = self._blocks.get((key, 0, key[2]))
+        if block is None:
+            data = bytearray(ctypes.string_at(key[1], key[2]))
+            block = self._blocks[(key, 0, key[2])] = _Block(data, keepalive)
+        source: bytearray = block.source
+        return source
+
     def _numpy_region(self, array: Any, address: int) -> tuple[_RegionKey, Any] | None:
         """The region an ndarray (whose data starts at ``address``) lives in, as (key, an
         array that is exactly its memory, C- or F-contiguous), or None."""
@@ -492,14 +503,9 @@ class _Pickler(pickle.Pickler):
         if dtype.fields is None and dtype.subdtype is None:
             dtype = dtype.str  # ("<f4": far cheaper to pickle and rebuild than the object)
         if key[2] <= _IN_BAND_BYTES:
-            # A small region travels whole inside the header, as one bytearray per message
-            # that every array in it shares (pickle's memo).
-            small = self._blocks.get((key, 0, key[2]))
-            if small is None:
-                data = bytearray(memory.tobytes(order="A"))  # (in memory order)
-                small = self._blocks[(key, 0, key[2])] = _Block(data, memory)
+            data = self._whole_in_header(key, memory)
             offset = address - key[1]
-            return (_rebuild_ndarray, (small.source, offset, array.shape, array.strides, dtype))
+            return (_rebuild_ndarray, (data, offset, array.shape, array.strides, dtype))
         flat = _flat_bytes(memory)
         block, start = self._block(key, low, high, lambda a, b: _Block(flat[a:b]))
         offset = address - key[1] - start
@@ -537,15 +543,10 @@ class _Pickler(pickle.Pickler):
         key = ("torch", storage.data_ptr(), storage.nbytes())
         offset = tensor.storage_offset()
         if key[2] <= _IN_BAND_BYTES:
-            # A small storage travels whole inside the header: a copy of its bytes, made
-            # once per message (the block, shared by every tensor on it, keeps it alive).
-            small = self._blocks.get((key, 0, key[2]))
-            if small is None:
-                data = bytearray(ctypes.string_at(key[1], key[2]))
-                small = self._blocks[(key, 0, key[2])] = _Block(data, storage)
+            data = self._whole_in_header(key, storage)
             whole = not offset and key[2] == numel * itemsize and _contiguous(size, stride)
             layout = None if whole else stride
-            rebuild = (small.source, _dtype_name(dtype), size, layout, offset, requires_grad)
+            rebuild = (data, _dtype_name(dtype), size, layout, offset, requires_grad)
             return (_rebuild_small_tensor, rebuild)
         byte_strides = tuple(n * itemsize for n in stride)
         low, high = _extent(offset * itemsize, size, byte_strides, itemsize)
