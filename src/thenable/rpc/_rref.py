@@ -108,9 +108,7 @@ class OwnerTable:
         creation request, and registers its fork first (see ``add_fork``).
         """
         with self._lock:
-            entry = self._entries.get(rref_id)
-            if entry is None:
-                entry = self._entries[rref_id] = _Entry()
+            entry = self._entry_locked(rref_id)
             entry.created = True
             self._add_locked(rref_id, entry, fork)
             return entry.value
@@ -118,10 +116,15 @@ class OwnerTable:
     def add_fork(self, rref_id: RRefId, fork: ForkId) -> None:
         """Register ``fork`` of an RRef this worker owns (its value may still be on its way)."""
         with self._lock:
-            entry = self._entries.get(rref_id)
-            if entry is None:
-                entry = self._entries[rref_id] = _Entry()
-            self._add_locked(rref_id, entry, fork)
+            self._add_locked(rref_id, self._entry_locked(rref_id), fork)
+
+    def _entry_locked(self, rref_id: RRefId) -> _Entry:
+        """The entry of ``rref_id``, made now if none exists: a request using the RRef may
+        overtake ``remote()``'s creation request (which then finds and completes it)."""
+        entry = self._entries.get(rref_id)
+        if entry is None:
+            entry = self._entries[rref_id] = _Entry()
+        return entry
 
     def _add_locked(self, rref_id: RRefId, entry: _Entry, fork: ForkId) -> None:
         if (rref_id, fork) in self._early:
@@ -151,10 +154,8 @@ class OwnerTable:
         If the creation did run (the creator only failed to read the answer), nothing changes.
         """
         with self._lock:
-            entry = self._entries.get(rref_id)
-            if entry is None:
-                entry = self._entries[rref_id] = _Entry()
-            elif entry.created:
+            entry = self._entry_locked(rref_id)
+            if entry.created:
                 return
             entry.created = True
             value = entry.value
@@ -168,10 +169,7 @@ class OwnerTable:
         then completes this same Future.
         """
         with self._lock:
-            entry = self._entries.get(rref_id)
-            if entry is None:
-                entry = self._entries[rref_id] = _Entry()
-            return entry.value
+            return self._entry_locked(rref_id).value
 
     def value_future(self, rref_id: RRefId) -> Future[Any]:
         with self._lock:
