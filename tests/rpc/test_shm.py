@@ -141,6 +141,22 @@ def _deliver(inbox: _shm.Inbox, staged: _shm.Staged) -> tuple[int, list[memoryvi
     return staged.segment_id, inbox.unstage(memoryview(staged.descriptor))
 
 
+def _one_kept_one_dropped(
+    ends: Ends, kept_data: bytes
+) -> tuple[int, list[memoryview], _shm.Staged]:
+    """Stage and deliver two messages in two segments: ``kept_data``, whose views the
+    caller keeps (its segment stays lent), and another, dropped at once (its segment is
+    released).  Returns the lent segment's id, the kept views and the dropped message."""
+    outbox, inbox, released = ends
+    first = outbox.stage([memoryview(kept_data)])
+    second = outbox.stage(_message(STAGE_MIN_BYTES, 2))
+    assert first is not None and second is not None
+    lent_id, kept = _deliver(inbox, first)
+    _deliver(inbox, second)  # dropped at once
+    assert released == [second.segment_id]
+    return lent_id, kept, second
+
+
 def _close_fd(staged: _shm.Staged | None) -> None:
     """A staged message that is never delivered: close its descriptor (the transport would,
     once sent)."""
@@ -394,14 +410,10 @@ def test_staging_into_a_lent_segment_is_a_protocol_error(ends: Ends) -> None:
 
 @needs_shm
 def test_retiring_a_lent_segment_is_a_protocol_error(ends: Ends, held: Held) -> None:
-    outbox, inbox, released = ends
+    _, inbox, released = ends
     kept_data = bytes(_message(STAGE_MIN_BYTES, 1)[0])
-    first = outbox.stage([memoryview(kept_data)])
-    second = outbox.stage(_message(STAGE_MIN_BYTES, 2))
-    assert first is not None and second is not None
-    lent_id, kept = _deliver(inbox, first)
-    free_id = _deliver(inbox, second)[0]  # dropped at once
-    assert released == [free_id]
+    lent_id, kept, second = _one_kept_one_dropped(ends, kept_data)
+    free_id = second.segment_id
     free_size = _parse(second.descriptor)[1]
     # A message in the free segment that retires the lent one.
     frame = _descriptor(free_id, free_size, False, retired=(lent_id,), parts=((0, 10),))
@@ -428,13 +440,9 @@ def test_close_while_a_view_is_alive_unmaps_it_when_dropped(ends: Ends, held: He
     np = pytest.importorskip("numpy")
     outbox, inbox, released = ends
     sent = bytes(_message(STAGE_MIN_BYTES, 1)[0])
-    first = outbox.stage([memoryview(sent)])
-    second = outbox.stage(_message(STAGE_MIN_BYTES, 2))
-    assert first is not None and second is not None
-    _, kept = _deliver(inbox, first)
+    _, kept, second = _one_kept_one_dropped(ends, sent)
     array_on_it = np.frombuffer(kept[0], dtype=np.uint8)
-    free_id = _deliver(inbox, second)[0]
-    assert released == [free_id]
+    free_id = second.segment_id
     address = _address(kept[0])
     assert held.new_maps() == 4
 
