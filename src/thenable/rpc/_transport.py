@@ -141,6 +141,8 @@ class PeerConnection:
             frame = self._protocol.send_message(kind, request_id, header)
             if defer:
                 self._queue.append(frame)
+            elif not self._queue and self._send_lock.acquire(blocking=False):
+                self._unlock_send(frame)  # the common case: written at once, by this thread
             else:
                 self._enqueue(frame)
             return
@@ -226,8 +228,8 @@ class PeerConnection:
             batch += queue.popleft()
         return batch
 
-    def _unlock_send(self) -> None:
-        """Write the queued frames, then release the send lock.
+    def _unlock_send(self, first: list[bytes | memoryview] | None = None) -> None:
+        """Write ``first`` (if given) and the queued frames, then release the send lock.
 
         A frame queued while the lock was held, after the holder's last look at the queue,
         is seen either by its own thread (which then finds the lock free) or by the check
@@ -237,6 +239,9 @@ class PeerConnection:
             error: OSError | None = None
             try:
                 if not self._closed:
+                    if first is not None:
+                        _send_all(self._sock, first)
+                        first = None
                     self._write_queued()
             except OSError as exc:
                 error = exc
@@ -487,6 +492,11 @@ def _send_all(sock: socket.socket, parts: list[bytes | memoryview], fd: int | No
 
     ``fd``, if given, travels (SCM_RIGHTS) with the first byte, on a Unix-domain socket.
     """
+    if fd is None and len(parts) == 1 and type(parts[0]) is bytes:  # a small frame
+        sent = sock.send(parts[0])
+        if sent == len(parts[0]):
+            return
+        parts = [memoryview(parts[0])[sent:]]
     views = [memoryview(part).cast("B") for part in parts]
     ancillary = []
     if fd is not None:
