@@ -647,6 +647,61 @@ def test_free_segments_beyond_the_cache_are_retired_oldest_first(
     _deliver(inbox, again)
 
 
+@pytest.fixture
+def other_ends(held: Held) -> Iterator[Ends]:
+    """A second connection's Outbox and Inbox, beside ``ends``."""
+    released: list[int] = []
+    outbox, inbox = _shm.Outbox(), _shm.Inbox(released.append)
+    yield outbox, inbox, released
+    outbox.close()
+    inbox.close()
+
+
+def _staged_and_released(ends: Ends, nbytes: int, seed: int) -> int:
+    """Stage a message, let the peer drop it, and hand its RELEASE to the Outbox; return the
+    segment's id."""
+    outbox, inbox, released = ends
+    staged = outbox.stage(_message(nbytes, seed))
+    assert staged is not None
+    _deliver(inbox, staged)
+    assert released[-1] == staged.segment_id
+    assert outbox.release(staged.segment_id) == []
+    return staged.segment_id
+
+
+@needs_shm
+def test_the_process_keeps_at_most_process_cache_bytes_of_free_segments(
+    ends: Ends, other_ends: Ends, held: Held, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Free segments count against one budget for all of a process's connections: a RELEASE
+    that takes the total over PROCESS_CACHE_BYTES retires the least recently freed segment,
+    even another connection's, which then announces it (RETIRE) with its next release or
+    retire_idle; a segment in use again no longer counts."""
+    monkeypatch.setattr(_shm, "PROCESS_CACHE_BYTES", 3 * MIB)
+    before = _shm.spare_bytes()
+    old_id = _staged_and_released(ends, MIB + 1, 1)  # a 2 MiB segment, freed first
+    assert _shm.spare_bytes() - before == 2 * MIB
+    # The other connection reuses one of its own segments: no new spare bytes meanwhile.
+    reused_id = _staged_and_released(other_ends, STAGE_MIN_BYTES, 2)
+    again = other_ends[0].stage(_message(STAGE_MIN_BYTES, 3))
+    assert again is not None and again.segment_id == reused_id
+    assert _shm.spare_bytes() - before == 2 * MIB  # the 1 MiB one is busy again
+    _deliver(other_ends[1], again)
+    assert other_ends[0].release(reused_id) == []  # 3 MiB free in all: within the budget
+    new_id = _staged_and_released(other_ends, MIB + 1, 4)  # 5 MiB: the oldest must go
+    assert _shm.spare_bytes() - before == 3 * MIB
+    outbox, inbox, _ = ends
+    assert outbox.segment_count() == 0
+    assert outbox.retire_idle(time.monotonic()) == [old_id]  # announced to its peer
+    inbox.retire([old_id])
+    assert inbox.segment_count() == 0
+    assert other_ends[0].segment_count() == 2 and other_ends[0].free_count() == 2
+    assert new_id != reused_id
+    assert held.new_maps() == 4  # the other connection's two segments, on each end
+    other_ends[0].close()
+    assert _shm.spare_bytes() == before  # a closed Outbox keeps nothing on the books
+
+
 @needs_shm
 def test_segments_left_free_for_idle_s_are_retired(ends: Ends) -> None:
     """retire_idle (the watchdog's call) retires free segments unused for IDLE_S, and only

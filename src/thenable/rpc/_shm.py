@@ -30,7 +30,10 @@ Ownership and cleanup rules
 5. The sender keeps at most ``MAX_SEGMENTS`` segments of at most ``MAX_SEGMENT_BYTES`` each
    per connection.  When no free one is big enough it *retires* a free one (the next staged
    frame lists it and both ends unmap it); when the free ones add up to more than
-   ``CACHE_BYTES`` it retires the least recently used (a RETIRE frame tells the peer); when
+   ``CACHE_BYTES`` it retires the least recently used (a RETIRE frame tells the peer), and
+   so does the process when the free segments of all its connections add up to more than
+   ``PROCESS_CACHE_BYTES`` (a RETIRE for another connection's segment goes out with that
+   connection's next frame, or within a second from the watchdog); when
    every segment is busy (the receiver keeps what it received), or a message is too big, the
    message goes through the socket as usual.  A segment left free for ``IDLE_S`` is retired
    too (by ``retire_idle``, which the transport's watchdog calls), so a quiet connection
@@ -65,7 +68,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -80,11 +83,13 @@ __all__ = [
     "IDLE_S",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_BYTES",
+    "PROCESS_CACHE_BYTES",
     "STAGE_MIN_BYTES",
     "Inbox",
     "Outbox",
     "Staged",
     "available",
+    "spare_bytes",
 ]
 
 _LOGGER = logging.getLogger("thenable.rpc.shm")
@@ -101,6 +106,9 @@ MAX_SEGMENT_BYTES: Final = 1 << 30
 """Largest segment; bigger messages go through the socket."""
 CACHE_BYTES = 512 << 20
 """Most bytes of free segments one end of a connection keeps for reuse."""
+PROCESS_CACHE_BYTES = 1 << 30
+"""Most bytes of free segments the sending ends of all of a process's connections keep,
+together (with many same-host peers, ``CACHE_BYTES`` each would add up to a lot)."""
 IDLE_S = 5.0
 """A segment free for this many seconds is retired."""
 MAX_PENDING_DESCRIPTORS: Final = 8
@@ -166,6 +174,7 @@ class Outbox:
         self._retired: list[int] = []  # retired ids not yet announced to the peer
         self._uses = 0  # messages staged so far
         self._closed = False
+        self._serial = next(_OUTBOX_SERIALS)  # its key in _SPARES
 
     def stage(self, buffers: Sequence[memoryview]) -> Staged | None:
         """Copy ``buffers`` into a free segment, or return None to send them by socket."""
@@ -204,6 +213,7 @@ class Outbox:
         self._uses += 1
         for segment in free:
             if segment.size >= nbytes:
+                _SPARES.discard(self, segment)
                 segment.busy = True
                 segment.last_used = self._uses
                 return segment, None
@@ -233,6 +243,8 @@ class Outbox:
         return _Segment(next(self._ids), mapping), fd
 
     def _retire(self, segment: _Segment) -> None:
+        if not segment.busy:
+            _SPARES.discard(self, segment)
         del self._segments[segment.id]
         self._retired.append(segment.id)
         segment.mapping.close()
@@ -261,6 +273,7 @@ class Outbox:
                 )
             segment.busy = False
             segment.free_since = time.monotonic()
+            _SPARES.add(self, segment)
             free = sorted(
                 (s for s in self._segments.values() if not s.busy), key=lambda s: s.last_used
             )
@@ -270,8 +283,21 @@ class Outbox:
                     break
                 cached -= spare.size
                 self._retire(spare)
+        # Beyond the process's cache: the least recently freed go, this Outbox's or others'
+        # (each under its own lock: no thread holds two Outboxes' locks).
+        for outbox, spare_id in _SPARES.excess():
+            outbox.evict(spare_id)
+        with self._lock:
             retired, self._retired = self._retired, []
             return retired
+
+    def evict(self, segment_id: int) -> None:
+        """Retire ``segment_id`` if it is still free (it is announced to the peer with the
+        next staged frame, ``release`` or ``retire_idle``)."""
+        with self._lock:
+            segment = self._segments.get(segment_id)
+            if segment is not None and not segment.busy and not self._closed:
+                self._retire(segment)
 
     def retire_idle(self, now: float) -> list[int]:
         """Retire the segments free since ``IDLE_S`` before ``now``; return every retired id
@@ -298,8 +324,56 @@ class Outbox:
             self._closed = True
             segments = list(self._segments.values())
             self._segments.clear()
+            for segment in segments:
+                if not segment.busy:
+                    _SPARES.discard(self, segment)
         for segment in segments:
             segment.mapping.close()
+
+
+class _Spares:
+    """The free segments of every Outbox in this process, least recently freed first, and
+    their total size, which ``PROCESS_CACHE_BYTES`` bounds.
+
+    Outboxes call ``add`` and ``discard`` under their own lock; this lock is always taken
+    last, and nothing here takes an Outbox's lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (outbox serial, segment id) -> (outbox, segment size)
+        self._free: OrderedDict[tuple[int, int], tuple[Outbox, int]] = OrderedDict()
+        self.bytes = 0
+
+    def add(self, outbox: Outbox, segment: _Segment) -> None:
+        with self._lock:
+            self._free[(outbox._serial, segment.id)] = (outbox, segment.size)
+            self.bytes += segment.size
+
+    def discard(self, outbox: Outbox, segment: _Segment) -> None:
+        with self._lock:
+            if self._free.pop((outbox._serial, segment.id), None) is not None:
+                self.bytes -= segment.size
+
+    def excess(self) -> list[tuple[Outbox, int]]:
+        """Take the least recently freed segments off the books until the rest fit in
+        ``PROCESS_CACHE_BYTES``; return them (as (outbox, segment id)) to be evicted."""
+        victims = []
+        with self._lock:
+            while self.bytes > PROCESS_CACHE_BYTES and self._free:
+                (_, segment_id), (outbox, size) = self._free.popitem(last=False)
+                self.bytes -= size
+                victims.append((outbox, segment_id))
+        return victims
+
+
+_OUTBOX_SERIALS = itertools.count()
+_SPARES = _Spares()
+
+
+def spare_bytes() -> int:
+    """Bytes of free segments that this process keeps for reuse, over all its connections."""
+    return _SPARES.bytes
 
 
 class Inbox:
