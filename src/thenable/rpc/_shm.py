@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import logging
 import mmap
@@ -283,21 +284,29 @@ class Outbox:
                     break
                 cached -= spare.size
                 self._retire(spare)
-        # Beyond the process's cache: the least recently freed go, this Outbox's or others'
-        # (each under its own lock: no thread holds two Outboxes' locks).
-        for outbox, spare_id in _SPARES.excess():
-            outbox.evict(spare_id)
-        with self._lock:
+            # Beyond the process's cache: the least recently freed go, this Outbox's now,
+            # others' below (under their own lock: no thread holds two Outboxes' locks).
+            others = []
+            for outbox, spare_id in _SPARES.excess():
+                if outbox is self:
+                    self._evict_locked(spare_id)
+                else:
+                    others.append((outbox, spare_id))
             retired, self._retired = self._retired, []
-            return retired
+        for outbox, spare_id in others:
+            outbox.evict(spare_id)
+        return retired
 
     def evict(self, segment_id: int) -> None:
         """Retire ``segment_id`` if it is still free (it is announced to the peer with the
         next staged frame, ``release`` or ``retire_idle``)."""
         with self._lock:
-            segment = self._segments.get(segment_id)
-            if segment is not None and not segment.busy and not self._closed:
-                self._retire(segment)
+            self._evict_locked(segment_id)
+
+    def _evict_locked(self, segment_id: int) -> None:
+        segment = self._segments.get(segment_id)
+        if segment is not None and not segment.busy and not self._closed:
+            self._retire(segment)
 
     def retire_idle(self, now: float) -> list[int]:
         """Retire the segments free since ``IDLE_S`` before ``now``; return every retired id
@@ -358,7 +367,10 @@ class _Spares:
     def excess(self) -> list[tuple[Outbox, int]]:
         """Take the least recently freed segments off the books until the rest fit in
         ``PROCESS_CACHE_BYTES``; return them (as (outbox, segment id)) to be evicted."""
-        victims = []
+        victims: list[tuple[Outbox, int]] = []
+        # A look without the lock first: a stale total only delays trimming to the next call.
+        if self.bytes <= PROCESS_CACHE_BYTES:
+            return victims
         with self._lock:
             while self.bytes > PROCESS_CACHE_BYTES and self._free:
                 (_, segment_id), (outbox, size) = self._free.popitem(last=False)
@@ -387,7 +399,9 @@ class Inbox:
         self._lock = threading.Lock()
         self._release = release
         self._mappings: dict[int, mmap.mmap] = {}
-        self._lent: set[int] = set()  # segments whose message the application still holds
+        # Segments whose message the application still holds: a weak reference to each
+        # message's exporter, whose callback gives the segment back.
+        self._lent: dict[int, weakref.ref[ctypes.Array[ctypes.c_ubyte]]] = {}
         self._descriptors: deque[int] = deque()
         self._closed = False
 
@@ -437,11 +451,12 @@ class Inbox:
             low = min(offset for offset, _ in parts)
             high = max(offset + length for offset, length in parts)
             # One exporter per message: it keeps the mapping alive (and unclosable) while any
-            # view of the message lives, and its finalizer gives the segment back.
+            # view of the message lives, and its collection gives the segment back.  (A weak
+            # reference with a callback: weakref.finalize costs several times more.)
             loan = (ctypes.c_ubyte * (high - low)).from_buffer(mapping, low)
-            self._lent.add(segment_id)
-            returned = weakref.finalize(loan, self._returned, segment_id)
-            returned.atexit = False
+            self._lent[segment_id] = weakref.ref(
+                loan, functools.partial(self._returned, segment_id)
+            )
             whole = memoryview(loan).cast("B")
         return [whole[offset - low : offset - low + length] for offset, length in parts]
 
@@ -456,13 +471,14 @@ class Inbox:
                 raise ProtocolError(f"the peer retired segment {old} while it was lent")
             _unmap(self._mappings.pop(old, None))
 
-    def _returned(self, segment_id: int) -> None:
+    def _returned(self, segment_id: int, _loan: object = None) -> None:
         """Every view of a lent message is gone: the segment is the sender's again.
 
-        A finalizer: it may run in any thread, at any allocation (a garbage collection),
-        even one inside this Inbox's lock, so it takes no lock (set.discard is atomic).
+        A weak reference's callback: it may run in any thread, at any allocation (a garbage
+        collection), even one inside this Inbox's lock, so it takes no lock (dict.pop is
+        atomic).
         """
-        self._lent.discard(segment_id)
+        self._lent.pop(segment_id, None)
         if not self._closed:
             self._release(segment_id)
 
