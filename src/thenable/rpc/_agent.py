@@ -37,7 +37,7 @@ from thenable.rpc import _context, _recycled
 from thenable.rpc._options import RpcBackendOptions, WorkerInfo
 from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
-from thenable.rpc._serialize import dumps, dumps_exception, loads, loads_exception
+from thenable.rpc._serialize import ATOMS, dumps, dumps_exception, loads, loads_exception
 from thenable.rpc._sockets import (
     Address,
     Authenticated,
@@ -271,8 +271,9 @@ class Agent:
             raise RuntimeError(
                 "RPC is shut down on this worker; call init_rpc() again to make new calls"
             )
-        with _context.sending(self, to_rank, is_request=True) as record:
+        with _context.sending(self, to_rank, is_request=True) as message:
             header, buffers = dumps((fn, args, kwargs))
+        record = message.record
         future: Future[Any] = Future()
         if record.holds:  # RRefs that must stay alive until the reply (see _rref)
             future.add_done_callback(functools.partial(_keep_until_done, record.holds))
@@ -549,12 +550,16 @@ class Agent:
             self._send_result(link, request_id, done._result)
 
     def _send_result(self, link: Any, request_id: int, result: Any, *, defer: bool = False) -> None:
+        if type(result) in ATOMS:  # None, a number, a string...: no RRef inside to keep track of
+            self._send_reply(link, MessageKind.RESPONSE, request_id, *dumps(result), defer)
+            return
         try:
-            with _context.sending(self, link.peer_rank, is_request=False) as record:
+            with _context.sending(self, link.peer_rank, is_request=False) as message:
                 header, buffers = dumps(result)
         except Exception as exc:
             self._send_error(link, request_id, exc)
             return
+        record = message.record
         if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers, defer):
             record.sent()
         else:

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
 
-__all__ = ("ForkRecord", "current_agent", "receiving", "require_agent", "sending", "set_agent")
+__all__ = (
+    "NO_FORKS",
+    "ForkRecord",
+    "current_agent",
+    "receiving",
+    "require_agent",
+    "sending",
+    "set_agent",
+)
 
 _AGENT: Agent | None = None
 
@@ -64,39 +72,51 @@ class ForkRecord:
             action()
 
 
+NO_FORKS = ForkRecord(False)
+"""The record of a message that pickled no RRef (nothing is ever added to it)."""
+
+
 class _Local(threading.local):
     def __init__(self) -> None:
         self.destination: int | None = None
         self.source: int | None = None
         self.agent: Any = None
-        self.forks: ForkRecord | None = None
+        self.sending: sending | None = None
 
 
 _LOCAL = _Local()
 
 
-class sending:  # lower case: used like a function, `with sending(...) as record:`
-    """Pickling a message for ``destination``; RRefs pickled now note their forks in the record.
+class sending:  # lower case: used like a function, `with sending(...) as message:`
+    """Pickling a message for ``destination``; RRefs pickled now note their forks in
+    ``record`` (made by the first of them: most messages carry none, and keep ``NO_FORKS``).
 
     If pickling fails the record is undone here; otherwise the caller calls ``sent()`` or
-    ``unsent()`` once it knows whether the message left.  (A class rather than a generator
-    context manager: this runs for every message.)
+    ``unsent()`` on it once it knows whether the message left.  (A class rather than a
+    generator context manager: this runs for every message.)
     """
 
-    __slots__ = ("_saved", "record")
+    __slots__ = ("_is_request", "_saved", "record")
 
     def __init__(self, agent: Agent, destination: int, *, is_request: bool) -> None:
-        self._saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.forks)
-        self.record = ForkRecord(is_request)
-        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = agent, destination, self.record
+        self._saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.sending)
+        self._is_request = is_request
+        self.record = NO_FORKS
+        _LOCAL.agent, _LOCAL.destination, _LOCAL.sending = agent, destination, self
 
-    def __enter__(self) -> ForkRecord:
-        return self.record
+    def __enter__(self) -> sending:
+        return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        _LOCAL.agent, _LOCAL.destination, _LOCAL.forks = self._saved
+        _LOCAL.agent, _LOCAL.destination, _LOCAL.sending = self._saved
         if kind is not None:
             self.record.unsent()
+
+    def forks(self) -> ForkRecord:
+        """The record, made now if this is the message's first RRef."""
+        if self.record is NO_FORKS:
+            self.record = ForkRecord(self._is_request)
+        return self.record
 
 
 class receiving:  # lower case: used like a function
@@ -117,9 +137,10 @@ class receiving:  # lower case: used like a function
 
 def sending_to() -> tuple[Agent, int, ForkRecord] | None:
     """(agent, destination, record) while a message is being pickled, else None."""
-    if _LOCAL.forks is None or _LOCAL.destination is None:
+    message = _LOCAL.sending
+    if message is None or _LOCAL.destination is None:
         return None
-    return _LOCAL.agent, _LOCAL.destination, _LOCAL.forks
+    return _LOCAL.agent, _LOCAL.destination, message.forks()
 
 
 def received_from() -> tuple[Agent, int] | None:

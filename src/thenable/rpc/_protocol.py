@@ -585,6 +585,11 @@ class Connection:
                 f"buffer_updated({nbytes}) is more than the {len(self._scratch)} bytes "
                 "lent by get_buffer()"
             )
+        if self._rx is not _Rx.PAYLOAD and self._state is not ConnectionState.ERROR:
+            if self._eof:
+                raise RuntimeError("buffer_updated() called with data after EOF")
+            self._buf += memoryview(self._scratch)[:nbytes]  # (receive_data, in short)
+            return
         self.receive_data(memoryview(self._scratch)[:nbytes])
 
     def next_event(self) -> Event | None:
@@ -593,6 +598,13 @@ class Connection:
         Raises ProtocolError (AuthenticationError) if the peer broke the protocol; the
         connection is then in the ERROR state and every later call raises again.
         """
+        if (
+            self._pos == len(self._buf)
+            and self._rx is _Rx.FRAME_HEADER
+            and self._state is ConnectionState.OPEN
+            and not self._eof
+        ):
+            return None  # nothing buffered between frames: the usual case, decided at once
         if self._state is ConnectionState.ERROR:
             raise ProtocolError(f"connection already failed: {self._error}")
         if self._my_hello is None:
@@ -608,7 +620,7 @@ class Connection:
     def has_buffered_data(self) -> bool:
         """Whether bytes of another frame have been received and not yet returned as an event
         (next_event() may then have more to give without new data)."""
-        return self._available() > 0 or self._rx is not _Rx.FRAME_HEADER or self._eof
+        return len(self._buf) != self._pos or self._rx is not _Rx.FRAME_HEADER or self._eof
 
     def _fail(self, message: str) -> None:
         """Enter the ERROR state and drop everything buffered."""

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
 
 __all__ = [
+    "ATOMS",
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
@@ -593,7 +594,8 @@ def _hint(obj: object, error: BaseException) -> str:
     )
 
 
-_ATOMS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+ATOMS: Final = frozenset({type(None), bool, int, float, complex, str, bytes})
+"""Types whose values hold nothing else (no array, tensor or RRef): pickled as they are."""
 
 
 def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
@@ -603,7 +605,7 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     buffers have been sent.  Raises :class:`SerializationError` if something cannot be
     pickled.
     """
-    if type(obj) in _ATOMS:  # (replies mostly) nothing inside to share or send out of band
+    if type(obj) in ATOMS:  # (replies mostly) nothing inside to share or send out of band
         return pickle.dumps(obj, _PICKLE_PROTOCOL), []
     header, buffers, extents = _dump(obj, None)
     waste = sum(key[2] - (high - low) for key, (low, high) in extents.items())

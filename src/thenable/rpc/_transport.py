@@ -88,6 +88,7 @@ class PeerConnection:
         self._closed_event = threading.Event()  # ... and has released everything
         self._closed = False  # ... and no longer sends
         self._reader: threading.Thread | None = None
+        self._reader_ident: int | None = None  # its thread id (set by itself, as it starts)
         # Same-host connections stage large payloads in shared memory (see _shm).
         self._outbox: _shm.Outbox | None = None
         self._inbox: _shm.Inbox | None = None
@@ -326,11 +327,8 @@ class PeerConnection:
     def may_run_inline(self) -> bool:
         """Whether the calling thread may run a received request itself: it is the reader,
         and no other frame is waiting (those go to a pool, where they run concurrently)."""
-        reader = self._reader
         return (
-            reader is not None
-            and reader.ident == threading.get_ident()
-            and not self._protocol.has_buffered_data()
+            self._reader_ident == threading.get_ident() and not self._protocol.has_buffered_data()
         )
 
     def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
@@ -342,14 +340,14 @@ class PeerConnection:
         therefore delays the peer's next messages by at most that long, and a handler that
         waits for a reply arriving on this very connection still gets it.
         """
-        me = threading.current_thread()
+        me = threading.get_ident()
         with self._state_lock:
             self._inline_since = time.monotonic()
         try:
             fn(*args)
         finally:
             with self._state_lock:
-                if self._reader is me:
+                if self._reader_ident == me:  # (not if another thread took over the reading)
                     self._inline_since = None
 
     def _retire_idle(self, now: float) -> None:
@@ -373,6 +371,9 @@ class PeerConnection:
         sock = self._sock
         inbox = self._inbox
         me = threading.current_thread()
+        with self._state_lock:
+            if self._reader is me:  # (else taken over already, before it even started)
+                self._reader_ident = threading.get_ident()
         error: BaseException | None = None
         try:
             while self._reader is me:
