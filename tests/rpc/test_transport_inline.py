@@ -3,6 +3,8 @@
 - A request run by a connection's reader (``run_inline``, as the agent does when nothing else
   is waiting) that blocks on a plain Event, not a Future, does not keep the next request from
   being read: after ``INLINE_PATIENCE_S`` another thread reads.
+- Requests waiting behind quick ones run in the reader too; behind a slow one (or one the
+  watchdog took the reading from), they are left to the pool.
 - A segment RELEASE with no frame to ride on is still sent, and a segment retired on release
   is unmapped by both ends.
 """
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from thenable.rpc import _shm, _sockets
+from thenable.rpc import _shm, _sockets, _transport
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._transport import PeerConnection
 
@@ -155,6 +157,108 @@ def test_may_run_inline_only_in_the_reader_and_with_nothing_buffered(
         assert seen == [(1, False), (2, False), (3, True)]
     finally:
         receiver.close()
+
+
+class _Recorder:
+    """A receiving PeerConnection that runs each request inline when ``may_run_inline()``
+    allows (the request's handler: ``handlers[id]``, else nothing) and records
+    (request id, whether it ran inline); frames are written raw, several in one write."""
+
+    def __init__(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        self._sock, receiver_sock = pair
+        self._sender_protocol, receiver_protocol = _handshaken(self._sock, receiver_sock)
+        self.seen: list[tuple[int, bool]] = []
+        self.handlers: dict[int, Callable[[], object]] = {}
+        self._changed = threading.Condition()
+        self.receiver = PeerConnection(
+            receiver_sock,
+            receiver_protocol,
+            0,
+            on_message=self._on_message,
+            on_closed=lambda *_: None,
+            description="sender",
+        )
+        self.receiver.start()
+
+    def _on_message(self, conn: PeerConnection, message: Message) -> None:
+        inline = conn.may_run_inline()
+        with self._changed:
+            self.seen.append((message.request_id, inline))
+            self._changed.notify_all()
+        if inline:
+            conn.run_inline(self.handlers.get(message.request_id, lambda: None))
+
+    def send(self, *request_ids: int) -> None:
+        """Write these requests in one system call: the reader finds all but the last with
+        more data behind them."""
+        self._sock.sendall(
+            b"".join(
+                bytes(part)
+                for request_id in request_ids
+                for part in self._sender_protocol.send_message(
+                    MessageKind.REQUEST, request_id, b"x"
+                )
+            )
+        )
+
+    def wait_for(self, count: int) -> list[tuple[int, bool]]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.seen) >= count, WAIT_S)
+            return list(self.seen)
+
+
+def test_after_a_quick_inline_request_waiting_ones_run_inline_too(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind requests that the reader ran quickly (a stream of small calls), the ones
+    waiting run in the reader too: a pool hand-off would cost more than the wait."""
+    monkeypatch.setattr(_transport, "INLINE_QUICK_S", 60.0)  # every request here is quick
+    recorder = _Recorder(pair)
+    try:
+        recorder.send(1)  # alone: inline, and now known to be quick
+        assert recorder.wait_for(1) == [(1, True)]
+        recorder.send(2, 3, 4)
+        assert recorder.wait_for(4) == [(1, True), (2, True), (3, True), (4, True)]
+    finally:
+        recorder.receiver.close()
+
+
+def test_behind_a_slow_inline_request_waiting_ones_go_to_the_pool(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a request that was not quick, those waiting behind it are not run inline (the
+    agent gives them to its pool, to run concurrently) until the reader has caught up."""
+    monkeypatch.setattr(_transport, "INLINE_QUICK_S", 0.0)  # no request is quick
+    recorder = _Recorder(pair)
+    try:
+        recorder.send(1, 2, 3)
+        assert recorder.wait_for(3) == [(1, False), (2, False), (3, True)]
+        recorder.send(4, 5)  # 3 ran inline, and was slow
+        assert recorder.wait_for(5)[3:] == [(4, False), (5, True)]
+    finally:
+        recorder.receiver.close()
+
+
+def test_after_a_take_over_waiting_requests_go_to_the_pool(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that held the reader until the watchdog took over was not quick, however
+    quick the ones before it: the new reader gives the waiting requests to the pool, so a
+    burst of slow requests does not make each wait for its own take-over."""
+    monkeypatch.setattr(_transport, "INLINE_QUICK_S", 60.0)
+    recorder = _Recorder(pair)
+    gate = threading.Event()
+    recorder.handlers[2] = lambda: gate.wait(WAIT_S)  # blocks on a plain Event
+    try:
+        recorder.send(1)
+        assert recorder.wait_for(1) == [(1, True)]
+        recorder.send(2)  # runs inline, blocks: the watchdog hands reading to a new thread
+        assert recorder.wait_for(2) == [(1, True), (2, True)]
+        recorder.send(3, 4)
+        assert recorder.wait_for(4)[2:] == [(3, False), (4, True)]
+    finally:
+        gate.set()
+        recorder.receiver.close()
 
 
 @pytest.mark.skipif(not _shm.available(), reason="needs memfd and file sealing")

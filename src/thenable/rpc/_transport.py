@@ -46,7 +46,7 @@ from thenable.rpc._protocol import (
 )
 from thenable.rpc._sockets import FD_SPACE, close_all, descriptors_in
 
-__all__ = ("INLINE_PATIENCE_S", "PeerConnection")
+__all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "PeerConnection")
 
 _LOGGER = logging.getLogger("thenable.rpc.transport")
 
@@ -83,6 +83,9 @@ class PeerConnection:
         self._state_lock = threading.Lock()
         # When the reader began running a request itself (run_inline), or None.
         self._inline_since: float | None = None
+        # Whether the last request run inline was quick (under INLINE_QUICK_S), which lets
+        # the next one run inline too even with more frames waiting (see may_run_inline).
+        self._inline_quick = False
         self._closing = False  # close() has begun (it runs once, in _closer)
         self._closer: threading.Thread | None = None
         self._closed_event = threading.Event()  # ... and has released everything
@@ -317,6 +320,7 @@ class PeerConnection:
                 if since is None or since > inline_before:
                     return
             self._inline_since = None
+            self._inline_quick = False  # the request that held the reader was not quick
             self._start_reader()
 
     def _hand_off(self) -> Callable[[], None]:
@@ -326,9 +330,14 @@ class PeerConnection:
 
     def may_run_inline(self) -> bool:
         """Whether the calling thread may run a received request itself: it is the reader,
-        and no other frame is waiting (those go to a pool, where they run concurrently)."""
-        return (
-            self._reader_ident == threading.get_ident() and not self._protocol.has_buffered_data()
+        and either no other frame is waiting, or the last request it ran was quick.
+
+        Requests waiting behind a slow one go to a pool, where they run concurrently; behind
+        quick ones (a stream of small calls, or a ``remote()`` followed by its fetch) a pool
+        hand-off would cost more than the wait.
+        """
+        return self._reader_ident == threading.get_ident() and (
+            self._inline_quick or not self._protocol.has_buffered_data()
         )
 
     def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
@@ -341,14 +350,16 @@ class PeerConnection:
         waits for a reply arriving on this very connection still gets it.
         """
         me = threading.get_ident()
+        began = time.monotonic()
         with self._state_lock:
-            self._inline_since = time.monotonic()
+            self._inline_since = began
         try:
             fn(*args)
         finally:
             with self._state_lock:
                 if self._reader_ident == me:  # (not if another thread took over the reading)
                     self._inline_since = None
+                    self._inline_quick = time.monotonic() - began < INLINE_QUICK_S
 
     def _retire_idle(self, now: float) -> None:
         """The watchdog's look: retire the shared memory segments left free for
@@ -435,6 +446,10 @@ def _noop() -> None:
 
 INLINE_PATIENCE_S = 0.01
 """How long a request run by a connection's reader may keep others from being read."""
+INLINE_QUICK_S = 0.0002
+"""A request run by the reader in less time than this lets the next run there too, even with
+more frames waiting: for such requests, a hand-off to the pool (a thread wake-up, tens of
+microseconds of CPU) costs more than running them one after the other."""
 IDLE_CHECK_S = 1.0
 """How often the watchdog looks for memory left unused."""
 
