@@ -168,7 +168,7 @@ class _Recorder:
         self._sock, receiver_sock = pair
         self._sender_protocol, receiver_protocol = _handshaken(self._sock, receiver_sock)
         self.seen: list[tuple[int, bool]] = []
-        self.handlers: dict[int, Callable[[], object]] = {}
+        self.handlers: dict[int, Callable[[], None]] = {}
         self._changed = threading.Condition()
         self.receiver = PeerConnection(
             receiver_sock,
@@ -248,7 +248,11 @@ def test_after_a_take_over_waiting_requests_go_to_the_pool(
     monkeypatch.setattr(_transport, "INLINE_QUICK_S", 60.0)
     recorder = _Recorder(pair)
     gate = threading.Event()
-    recorder.handlers[2] = lambda: gate.wait(WAIT_S)  # blocks on a plain Event
+
+    def block() -> None:  # on a plain Event, not a Future: no hand-off but the watchdog's
+        gate.wait(WAIT_S)
+
+    recorder.handlers[2] = block
     try:
         recorder.send(1)
         assert recorder.wait_for(1) == [(1, True)]
