@@ -608,6 +608,8 @@ def dumps(obj: object) -> tuple[bytes, list[memoryview]]:
     if type(obj) in ATOMS:  # (replies mostly) nothing inside to share or send out of band
         return pickle.dumps(obj, _PICKLE_PROTOCOL), []
     header, buffers, extents = _dump(obj, None)
+    if not extents:  # no array or tensor: nothing to trim
+        return header, buffers
     waste = sum(key[2] - (high - low) for key, (low, high) in extents.items())
     if waste >= max(_TRIM_MIN_WASTE, 8 * len(header)):
         trim = {key: (low - low % _TRIM_ALIGN, high) for key, (low, high) in extents.items()}
