@@ -277,8 +277,9 @@ def _rebuild_small_tensor(
         if requires_grad:
             tensor.requires_grad_(True)
         return tensor
-    storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
-    return _rebuild_tensor(storage, dtype_name, size, stride, storage_offset, requires_grad)
+    return _rebuild_tensor(
+        _rebuild_storage(data), dtype_name, size, stride, storage_offset, requires_grad
+    )
 
 
 def _torch_dtype(name: str) -> Any:
