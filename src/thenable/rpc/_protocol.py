@@ -531,6 +531,11 @@ class Connection:
         if not view.nbytes:
             self._eof = True
             return
+        self._take(view)
+
+    def _take(self, view: memoryview) -> None:
+        """Keep received bytes (a flat byte view, not at EOF): straight into the payload
+        being received, if it is next, else into the buffer ``next_event`` parses."""
         if self._rx is _Rx.PAYLOAD and self._pos == len(self._buf):
             view = view[self._write_payload(view) :]
         if view.nbytes:
@@ -585,12 +590,11 @@ class Connection:
                 f"buffer_updated({nbytes}) is more than the {len(self._scratch)} bytes "
                 "lent by get_buffer()"
             )
-        if self._rx is not _Rx.PAYLOAD and self._state is not ConnectionState.ERROR:
-            if self._eof:
-                raise RuntimeError("buffer_updated() called with data after EOF")
-            self._buf += memoryview(self._scratch)[:nbytes]  # (receive_data, in short)
+        if self._state is ConnectionState.ERROR:
             return
-        self.receive_data(memoryview(self._scratch)[:nbytes])
+        if self._eof:
+            raise RuntimeError("buffer_updated() called with data after EOF")
+        self._take(memoryview(self._scratch)[:nbytes])  # (a flat byte view: no need to check)
 
     def next_event(self) -> Event | None:
         """The next event parsed from received bytes, or None if more data is needed.
