@@ -118,15 +118,21 @@ def held() -> Iterator[Held]:
     yield Held()
 
 
-@pytest.fixture
-def ends(held: Held) -> Iterator[Ends]:
-    """An Outbox and the Inbox of its peer, whose releases are recorded; closed at the end
-    (after the test dropped what it received), which must free everything."""
+def _both_ends() -> Iterator[Ends]:
+    """An Outbox and the Inbox of its peer, whose releases are recorded; both closed when
+    the test is done with them."""
     released: list[int] = []
     outbox, inbox = _shm.Outbox(), _shm.Inbox(released.append)
     yield outbox, inbox, released
     outbox.close()
     inbox.close()
+
+
+@pytest.fixture
+def ends(held: Held) -> Iterator[Ends]:
+    """A connection's two ends (``_both_ends``), closed at the end (after the test dropped
+    what it received), which must free everything."""
+    yield from _both_ends()
     held.check()
 
 
@@ -649,12 +655,8 @@ def test_free_segments_beyond_the_cache_are_retired_oldest_first(
 
 @pytest.fixture
 def other_ends(held: Held) -> Iterator[Ends]:
-    """A second connection's Outbox and Inbox, beside ``ends``."""
-    released: list[int] = []
-    outbox, inbox = _shm.Outbox(), _shm.Inbox(released.append)
-    yield outbox, inbox, released
-    outbox.close()
-    inbox.close()
+    """A second connection's two ends, beside ``ends``."""
+    yield from _both_ends()
 
 
 def _staged_and_released(ends: Ends, nbytes: int, seed: int) -> int:
