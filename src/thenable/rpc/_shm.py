@@ -275,15 +275,14 @@ class Outbox:
             segment.busy = False
             segment.free_since = time.monotonic()
             _SPARES.add(self, segment)
-            free = sorted(
-                (s for s in self._segments.values() if not s.busy), key=lambda s: s.last_used
-            )
+            free = [s for s in self._segments.values() if not s.busy]
             cached = sum(s.size for s in free)
-            for spare in free:
-                if cached <= CACHE_BYTES:
-                    break
-                cached -= spare.size
-                self._retire(spare)
+            if cached > CACHE_BYTES:  # (rare: sorted only then)
+                for spare in sorted(free, key=lambda s: s.last_used):
+                    if cached <= CACHE_BYTES:
+                        break
+                    cached -= spare.size
+                    self._retire(spare)
             # Beyond the process's cache: the least recently freed go, this Outbox's now,
             # others' below (under their own lock: no thread holds two Outboxes' locks).
             others = []
