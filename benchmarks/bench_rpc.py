@@ -77,6 +77,7 @@ PAYLOAD_SIZES = (8, 1 << 10, 64 << 10, 1 << 20, 16 << 20, 100 << 20)
 WORLD_SIZES = (2, 4, 8, 16)
 SMALL_ARGS = (1, "a")
 PIPELINE_CALLS = 20_000
+IDLE_S = 1.0  # how long the idle CPU is measured, after the no-op calls stop
 
 perf = time.perf_counter
 
@@ -324,6 +325,12 @@ def _measure_pair(
     rep.value("sync_noop_s", _per_op(sync_noop, it.sync_n, it.sync_samples))
     spent = cpu_seconds() - here + rpc.rpc_sync(dst, cpu_seconds) - there
     rep.value("sync_cpu_s", spent / (it.sync_n * it.sync_samples))
+
+    rep.enter("idle")  # what both processes burn while nobody calls (busy polling)
+    there, here = rpc.rpc_sync(dst, cpu_seconds), cpu_seconds()
+    time.sleep(IDLE_S)
+    spent = cpu_seconds() - here + rpc.rpc_sync(dst, cpu_seconds) - there
+    rep.value("idle_cores", spent / IDLE_S)
 
     rep.enter("rpc_sync torch.add")
     small = torch.ones(2)
@@ -630,13 +637,14 @@ METRICS = (
     Metric("remote_s", "remote(torch.add, (ones(2), 3)).to_here()", "time", "us", 0.5),
     Metric("sync_cpu_s", "CPU per no-op rpc_sync, both processes [info]", "time", "us", None),
     Metric("sync_add_s", "rpc_sync(torch.add, (ones(2), 3)) [info]", "time", "us", None),
+    Metric("idle_cores", "CPU while idle, both processes [info]", "time", "cores", None),
     Metric("echo1_s", "echo of a 1 MiB float32 tensor, round trip [info]", "time", "ms", None),
     Metric("echo100_s", "echo of a 100 MiB float32 tensor, round trip [info]", "time", "ms", None),
     Metric("init_s", "init_rpc, 2 workers (max over ranks) [info]", "time", "ms", None),
     Metric("shutdown_s", "shutdown() on rank 0 [info]", "time", "ms", None),
 )
 
-_SCALE = {"us": 1e6, "ms": 1e3, "s": 1.0, "calls/s": 1.0, "GB/s": 1.0}
+_SCALE = {"us": 1e6, "ms": 1e3, "s": 1.0, "calls/s": 1.0, "GB/s": 1.0, "cores": 1.0}
 
 
 def _fmt(value: float | None, unit: str) -> str:

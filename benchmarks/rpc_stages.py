@@ -1,4 +1,4 @@
-"""Where the time of a no-op ``rpc_sync`` round trip goes, stage by stage (thenable only).
+"""Where the time of an ``rpc_sync`` round trip goes, stage by stage (thenable only).
 
 Two worker processes on this host; rank 0 makes no-op calls to rank 1.  Both take timestamps
 (``time.perf_counter_ns``: CLOCK_MONOTONIC, one clock for the whole host) at points of the call
@@ -8,7 +8,8 @@ in the expected order, the gaps between them are the stages; the script prints e
 median and quartiles.
 
 This is a diagnostic for thenable's own costs, not a comparison: ``bench_rpc.py`` compares
-with torch.  Usage: ``python benchmarks/rpc_stages.py [--calls N] [--tcp-only]``.
+with torch.  Usage:
+``python benchmarks/rpc_stages.py [--calls N] [--tcp-only] [--add] [--busy-poll-us US]``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ STAGES = [
     "wake the server's reader",
     "server: bytes to message",
     "server: dispatch and unpickle",
-    "server: run the no-op",
+    "server: run the function",
     "server: pickle the reply",
     "server: reply to send",
     "server: send system call",
@@ -64,6 +65,15 @@ STAGES = [
 
 def noop() -> None:
     EVENTS.append(("s_ran", time.perf_counter_ns()))
+
+
+def add(tensor: Any, number: int) -> Any:
+    """``torch.add(tensor, number)``: the round trip with small tensors (``--add``)."""
+    import torch
+
+    result = torch.add(tensor, number)
+    EVENTS.append(("s_ran", time.perf_counter_ns()))
+    return result
 
 
 def take_events() -> list[tuple[str, int]]:
@@ -134,23 +144,33 @@ def _stages(
     return stages, complete
 
 
-def _worker(rank: int, port: int, calls: int, tcp_only: bool) -> None:
+def _worker(
+    rank: int, port: int, calls: int, tcp_only: bool, with_add: bool, busy_poll_us: int | None
+) -> None:
     _instrument(_ROLE[rank])
     import thenable.rpc as rpc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     options = rpc.RpcBackendOptions(same_host_ipc=not tcp_only)
+    if busy_poll_us is not None:
+        options.busy_poll_us = busy_poll_us
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     if rank == 0:
+        if with_add:
+            import torch
+
+            call = functools.partial(rpc.rpc_sync, "w1", add, args=(torch.ones(2), 3))
+        else:
+            call = functools.partial(rpc.rpc_sync, "w1", noop)
         for _ in range(300):  # warm-up
-            rpc.rpc_sync("w1", noop)
+            call()
         rpc.rpc_sync("w1", take_events)
         EVENTS.clear()
         spans = []
         clock = time.perf_counter_ns
         for _ in range(calls):
             start = clock()
-            rpc.rpc_sync("w1", noop)
+            call()
             spans.append((start, clock()))
         events = take_events() + rpc.rpc_sync("w1", take_events)
         stages, complete = _stages(spans, events)
@@ -167,13 +187,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000, help="calls measured (3000)")
     parser.add_argument("--tcp-only", action="store_true", help="TCP, no same-host transport")
+    parser.add_argument("--add", action="store_true", help="torch.add(ones(2), 3), not a no-op")
+    parser.add_argument("--busy-poll-us", type=int, help="RpcBackendOptions.busy_poll_us")
     args = parser.parse_args()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = mp.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(rank, port, args.calls, args.tcp_only))
+        context.Process(
+            target=_worker,
+            args=(rank, port, args.calls, args.tcp_only, args.add, args.busy_poll_us),
+        )
         for rank in (0, 1)
     ]
     for worker in workers:

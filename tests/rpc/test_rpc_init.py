@@ -151,3 +151,29 @@ def test_bad_rank_or_world_size_is_a_clear_value_error(
         resolve_rank_and_world_size(rank, world_size, env)
     assert type(info.value) is ValueError
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "fragment"),
+    [
+        ({"init_method": "file:///tmp/x"}, ValueError, "init_method must be 'env://'"),
+        ({"rpc_timeout": "10"}, TypeError, "rpc_timeout must be seconds"),
+        ({"rpc_timeout": -1}, ValueError, "rpc_timeout must be >= 0"),
+        ({"num_worker_threads": 0}, ValueError, "num_worker_threads must be >= 1"),
+        ({"num_worker_threads": True}, TypeError, "num_worker_threads must be an int"),
+        ({"auth_key": 123}, TypeError, "auth_key must be bytes or str"),
+        ({"same_host_ipc": 1}, TypeError, "same_host_ipc must be True or False"),
+        ({"busy_poll_us": 0.5}, TypeError, "busy_poll_us must be an int (microseconds)"),
+        ({"busy_poll_us": False}, TypeError, "busy_poll_us must be an int"),
+        ({"busy_poll_us": -1}, ValueError, "busy_poll_us must be between 0 (never poll)"),
+        ({"busy_poll_us": 2_000_000}, ValueError, "and 1000000, got 2000000"),
+        ({"devices": ["cuda:0"]}, NotImplementedError, "move tensors to CPU"),
+    ],
+)
+def test_bad_backend_options_are_refused_naming_the_option(
+    options: dict[str, object], error: type[BaseException], fragment: str
+) -> None:
+    with pytest.raises(error) as info:
+        rpc.RpcBackendOptions(**options)  # type: ignore[arg-type]
+    assert type(info.value) is error
+    assert fragment in str(info.value)

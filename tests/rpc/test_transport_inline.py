@@ -7,10 +7,13 @@
   watchdog took the reading from), they are left to the pool.
 - A segment RELEASE with no frame to ride on is still sent, and a segment retired on release
   is unmapped by both ends.
+- A reader polls for frames that come within ``busy_poll_s`` of each other; for frames further
+  apart, only once in ``_PROBE_EVERY`` waits; and it stops using the CPU once they stop coming.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -53,8 +56,10 @@ def _connected(
     pair: tuple[socket.socket, socket.socket],
     on_message: Callable[[PeerConnection, Message], None],
     on_closed: Callable[[PeerConnection, BaseException | None], None] = lambda *_: None,
+    busy_poll_s: float = 0.0,
 ) -> tuple[PeerConnection, PeerConnection]:
-    """(sender, receiver), both started; the receiver's messages go to ``on_message``."""
+    """(sender, receiver), both started; the receiver's messages go to ``on_message``, and
+    its reader polls for up to ``busy_poll_s`` (the sender's never polls)."""
     sender_sock, receiver_sock = pair
     sender_protocol, receiver_protocol = _handshaken(sender_sock, receiver_sock)
     receiver = PeerConnection(
@@ -64,6 +69,7 @@ def _connected(
         on_message=on_message,
         on_closed=on_closed,
         description="sender",
+        busy_poll_s=busy_poll_s,
     )
     sender = PeerConnection(
         sender_sock,
@@ -305,6 +311,113 @@ def test_a_segment_retired_on_release_is_unmapped_by_the_peer_too(
         while outbox.segment_count() or inbox.segment_count():
             assert time.monotonic() < deadline, "the segment was not retired on both ends"
             time.sleep(0.001)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def _record_polls(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """What each ``PeerConnection._poll`` returns from now on (bytes received, or None for a
+    poll that ran out of time)."""
+    results: list[int | None] = []
+    poll = PeerConnection._poll
+
+    def recorded(self: PeerConnection, view: memoryview, deadline: float) -> int | None:
+        result = poll(self, view, deadline)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(PeerConnection, "_poll", recorded)
+    return results
+
+
+def test_a_reader_polls_for_frames_that_come_close_together(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    polls = _record_polls(monkeypatch)
+    arrived: queue.Queue[int] = queue.Queue()
+    sender, receiver = _connected(
+        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=WAIT_S
+    )
+    try:
+        for request_id in range(20):
+            sender.send(MessageKind.NOTIFY, request_id, b"x")
+            assert arrived.get(timeout=WAIT_S) == request_id
+        # The first wait slept (nothing had come yet); it was short, so every later frame
+        # was taken by polling.
+        assert len(polls) >= 19
+        assert all(received for received in polls[:19]), polls
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_reader_does_not_poll_for_frames_further_apart(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    polls = _record_polls(monkeypatch)
+    arrived: queue.Queue[int] = queue.Queue()
+    busy_poll_s = 0.005
+    sender, receiver = _connected(
+        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=busy_poll_s
+    )
+    try:
+        for request_id in range(5):
+            sender.send(MessageKind.NOTIFY, request_id, b"x")
+            assert arrived.get(timeout=WAIT_S) == request_id
+            time.sleep(4 * busy_poll_s)  # the frames' spacing is what is under test
+        # At most one poll (after a quick first frame), which ran out of time: from then on
+        # the waits were long, so the reader slept in recv.
+        assert polls in ([], [None]), polls
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_reader_that_stopped_polling_tries_again_once_in_probe_every_waits(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    polls = _record_polls(monkeypatch)
+    arrived: queue.Queue[int] = queue.Queue()
+    busy_poll_s = 0.002
+    sender, receiver = _connected(
+        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=busy_poll_s
+    )
+    try:
+        for request_id in range(2 * _transport._PROBE_EVERY + 4):
+            sender.send(MessageKind.NOTIFY, request_id, b"x")
+            assert arrived.get(timeout=WAIT_S) == request_id
+            time.sleep(4 * busy_poll_s)  # the frames' spacing is what is under test
+        # Two probes (at the 17th and 34th wait), or three if the first wait was short (then
+        # the second polled too), each running out of time: so a stream that is quick only
+        # when polled gets polled again, and a sparse one wastes one poll in 16 waits.
+        assert polls in ([None] * 2, [None] * 3), polls
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_reader_stops_using_the_cpu_when_frames_stop_coming(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    arrived: queue.Queue[int] = queue.Queue()
+    idle_s = 0.5
+    sender, receiver = _connected(
+        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=idle_s / 10
+    )
+    try:
+        for request_id in range(20):  # close together: the reader is polling afterwards
+            sender.send(MessageKind.NOTIFY, request_id, b"x")
+            assert arrived.get(timeout=WAIT_S) == request_id
+        reader = receiver._reader
+        assert reader is not None and reader.ident is not None
+        cpu_clock = time.pthread_getcpuclockid(reader.ident)
+        before = time.clock_gettime(cpu_clock)
+        time.sleep(idle_s)  # idle: what is under test
+        used = time.clock_gettime(cpu_clock) - before
+        # It polls for at most busy_poll_s after the last frame (polling throughout would
+        # take about idle_s of CPU), then sleeps in recv.
+        assert used < idle_s / 2, used
     finally:
         sender.close()
         receiver.close()

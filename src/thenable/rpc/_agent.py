@@ -443,6 +443,7 @@ class Agent:
             on_closed=self._on_closed,
             description=f"{peer_name} (rank {peer_rank})",
             descriptors=peer.descriptors,
+            busy_poll_s=self.options.busy_poll_us / 1e6,
         )
         with self._lock:
             refused = self._state is AgentState.SHUT_DOWN

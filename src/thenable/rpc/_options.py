@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 __all__ = (
+    "DEFAULT_BUSY_POLL_US",
     "DEFAULT_INIT_METHOD",
     "DEFAULT_RPC_TIMEOUT_SEC",
     "RpcBackendOptions",
@@ -18,6 +19,7 @@ __all__ = (
 
 DEFAULT_RPC_TIMEOUT_SEC = 60.0
 DEFAULT_INIT_METHOD = "env://"
+DEFAULT_BUSY_POLL_US = 300
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
@@ -54,6 +56,11 @@ class RpcBackendOptions:
         same_host_ipc: workers on one host talk over Unix-domain sockets and pass payloads of
             256 KiB or more through shared memory (Linux; see ``thenable.rpc._shm``); False
             makes them use TCP like workers on other hosts.
+        busy_poll_us: after a frame arrives, how long (microseconds) a connection's reader
+            may poll for the next one before it sleeps, if the last wait was that short too.
+            Polling keeps the CPU awake; waking a sleeping one costs tens of microseconds on
+            a virtual machine, more than a whole no-op call.  Connections whose messages come
+            further apart never poll, and an idle process uses no CPU.  0: never poll.
         device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
             sent yet, so they must stay empty.
     """
@@ -64,6 +71,7 @@ class RpcBackendOptions:
     auth_key: bytes | str | None = None
     max_message_bytes: int = 1 << 30
     same_host_ipc: bool = True
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
     device_maps: dict[str, Any] = dataclasses.field(default_factory=dict)
     devices: list[Any] = dataclasses.field(default_factory=list)
 
@@ -88,6 +96,14 @@ class RpcBackendOptions:
             raise TypeError(f"auth_key must be bytes or str, got {type(self.auth_key).__name__}")
         if not isinstance(self.same_host_ipc, bool):
             raise TypeError(f"same_host_ipc must be True or False, got {self.same_host_ipc!r}")
+        if isinstance(self.busy_poll_us, bool) or not isinstance(self.busy_poll_us, int):
+            raise TypeError(
+                f"busy_poll_us must be an int (microseconds), got {self.busy_poll_us!r}"
+            )
+        if not 0 <= self.busy_poll_us <= 1_000_000:
+            raise ValueError(
+                f"busy_poll_us must be between 0 (never poll) and 1000000, got {self.busy_poll_us}"
+            )
         if self.device_maps or self.devices:
             raise NotImplementedError(
                 "device_maps/devices: sending CUDA tensors over RPC is not supported yet; move "

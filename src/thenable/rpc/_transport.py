@@ -13,6 +13,12 @@ RPC future calling ``rpc_sync``, say), the reader hands its job to a fresh reade
 (leader/follower), so a blocked callback never stops the connection from delivering the very
 reply it waits for.
 
+After a frame arrives, a reader whose last wait was short polls the socket for the next one
+for up to ``busy_poll_s`` before it sleeps in ``recv`` (see ``PeerConnection._poll``): on a
+virtual machine, waking a sleeping CPU costs more than a whole no-op call, and a CPU that
+polls stays awake.  A connection whose frames come further apart than that polls only once in
+``_PROBE_EVERY`` waits, and an idle one not at all.
+
 On a same-host (Unix-domain) connection, large payloads travel through shared memory
 (``_shm``) instead of the socket.  A watchdog thread makes sure that a request run by a reader
 itself never stalls the connection (see ``PeerConnection.run_inline``).
@@ -52,6 +58,9 @@ _LOGGER = logging.getLogger("thenable.rpc.transport")
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _RECV_BYTES = 1 << 18
+# A reader that stopped polling (frames came further apart than busy_poll_s) polls again
+# once in this many waits (see _read_loop).
+_PROBE_EVERY = 16
 # How long a clean close waits to write the frames still queued.
 _FLUSH_TIMEOUT_S = 1.0
 MessageHandler = Callable[["PeerConnection", Message], None]
@@ -71,9 +80,13 @@ class PeerConnection:
         on_closed: ClosedHandler,
         description: str,
         descriptors: Sequence[int] = (),
+        busy_poll_s: float = 0.0,
     ) -> None:
-        """``descriptors``: file descriptors received during the handshake; owned from now."""
+        """``descriptors``: file descriptors received during the handshake; owned from now.
+        ``busy_poll_s``: how long the reader may poll for a frame before it sleeps (0: never).
+        """
         self._sock = sock
+        self._busy_poll_s = busy_poll_s
         self._protocol = protocol
         self.peer_rank = peer_rank  # which worker is on the other end
         self.description = description
@@ -376,11 +389,45 @@ class PeerConnection:
         if since is not None and reader is not None and now - since >= INLINE_PATIENCE_S:
             self._take_over(reader, inline_before=now - INLINE_PATIENCE_S)
 
+    def _receive(self, view: memoryview, flags: int = 0) -> int:
+        """One ``recv`` into ``view``; on a same-host connection, ``recvmsg``, which also
+        takes the shared memory descriptors the peer sends ahead of their frames."""
+        if self._inbox is None:
+            return self._sock.recv_into(view, 0, flags)
+        received, ancillary, msg_flags, _ = self._sock.recvmsg_into([view], FD_SPACE, flags)
+        if ancillary:
+            self._inbox.add_descriptors(descriptors_in(ancillary, msg_flags))
+        return received
+
+    def _poll(self, view: memoryview, deadline: float) -> int | None:
+        """``_receive`` without sleeping: try until data comes (its size) or ``deadline``
+        passes (None).
+
+        Sleeping in ``recv`` lets the CPU halt; on a virtual machine, waking it again when
+        the next frame comes costs tens of microseconds, more than the rest of a no-op call.
+        Between tries the thread yields the CPU to any other runnable thread, and drops the
+        GIL in each system call, so the poll takes little from other work.
+        """
+        clock = time.monotonic
+        while True:
+            try:
+                return self._receive(view, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if clock() >= deadline:
+                    return None
+                os.sched_yield()
+
     def _read_loop(self) -> None:
         _PER_THREAD.on_block = self._hand_off
         protocol = self._protocol
-        sock = self._sock
-        inbox = self._inbox
+        busy_poll_s = self._busy_poll_s
+        clock = time.monotonic
+        # Whether to poll before sleeping: the last wait for data was shorter than
+        # busy_poll_s, so the next one likely is too.  Frames further apart than that make
+        # the reader poll only once in _PROBE_EVERY waits: a wait that is short only when
+        # the reader polls (slept, it also pays for the wake-ups) then gets polled again.
+        poll = False
+        unpolled = 0
         me = threading.current_thread()
         with self._state_lock:
             if self._reader is me:  # (else taken over already, before it even started)
@@ -391,12 +438,16 @@ class PeerConnection:
                 event = protocol.next_event()
                 if event is None:
                     view = protocol.get_buffer(_RECV_BYTES)
-                    if inbox is None:
-                        received = sock.recv_into(view)
-                    else:
-                        received, ancillary, msg_flags, _ = sock.recvmsg_into([view], FD_SPACE)
-                        if ancillary:
-                            inbox.add_descriptors(descriptors_in(ancillary, msg_flags))
+                    began = clock()
+                    received = None
+                    if poll or unpolled >= _PROBE_EVERY:
+                        unpolled = 0
+                        received = self._poll(view, began + busy_poll_s)
+                    elif busy_poll_s:
+                        unpolled += 1
+                    if received is None:
+                        received = self._receive(view)
+                    poll = clock() - began < busy_poll_s
                     if received:
                         protocol.buffer_updated(received)
                     else:
