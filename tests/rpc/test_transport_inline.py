@@ -7,6 +7,8 @@
   watchdog took the reading from), they are left to the pool.
 - A segment RELEASE with no frame to ride on is still sent, and a segment retired on release
   is unmapped by both ends.
+- The watchdog dozes while no connection needs it, and wakes at once for a request run inline
+  or a frame left queued.
 - A reader polls for frames that come within ``busy_poll_s`` of each other; for frames further
   apart, only once in ``_PROBE_EVERY`` waits; and it stops using the CPU once they stop coming.
 """
@@ -418,6 +420,67 @@ def test_a_reader_stops_using_the_cpu_when_frames_stop_coming(
         # It polls for at most busy_poll_s after the last frame (polling throughout would
         # take about idle_s of CPU), then sleeps in recv.
         assert used < idle_s / 2, used
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.fixture
+def dozing_watchdog(monkeypatch: pytest.MonkeyPatch) -> _transport._Watchdog:
+    """A watchdog of the connections made from now on, whose doze outlasts every wait of the
+    tests: what it does while dozing, it does because something woke it."""
+    monkeypatch.setattr(_transport, "IDLE_CHECK_S", 10 * WAIT_S)
+    watchdog = _transport._Watchdog()
+    monkeypatch.setattr(_transport, "_WATCHDOG", watchdog)
+    return watchdog
+
+
+def _wait_until_it_dozes(watchdog: _transport._Watchdog) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not watchdog.dozing:
+        assert time.monotonic() < deadline, "the watchdog never dozed"
+        time.sleep(0.001)
+
+
+def test_a_dozing_watchdog_wakes_to_take_over_from_a_blocked_inline_request(
+    pair: tuple[socket.socket, socket.socket], dozing_watchdog: _transport._Watchdog
+) -> None:
+    entered = threading.Event()
+    gate = threading.Event()
+    second_read = threading.Event()
+
+    def block() -> None:
+        entered.set()
+        gate.wait(WAIT_S)  # a plain Event: no Future.wait, no on_block hand-off
+
+    def on_message(conn: PeerConnection, message: Message) -> None:
+        if message.request_id == 1:
+            conn.run_inline(block)
+        else:
+            second_read.set()
+
+    sender, receiver = _connected(pair, on_message)
+    try:
+        _wait_until_it_dozes(dozing_watchdog)
+        sender.send(MessageKind.REQUEST, 1, b"blocks")
+        assert entered.wait(WAIT_S)
+        sender.send(MessageKind.REQUEST, 2, b"next")
+        assert second_read.wait(WAIT_S), "the watchdog slept through a blocked inline request"
+    finally:
+        gate.set()
+        sender.close()
+        receiver.close()
+
+
+def test_a_dozing_watchdog_wakes_to_send_a_deferred_frame(
+    pair: tuple[socket.socket, socket.socket], dozing_watchdog: _transport._Watchdog
+) -> None:
+    arrived: queue.Queue[int] = queue.Queue()
+    sender, receiver = _connected(pair, lambda _, message: arrived.put(message.request_id))
+    try:
+        _wait_until_it_dozes(dozing_watchdog)
+        sender.send(MessageKind.NOTIFY, 7, b"deferred", defer=True)  # no frame follows it
+        assert arrived.get(timeout=WAIT_S) == 7
     finally:
         sender.close()
         receiver.close()

@@ -158,6 +158,7 @@ class PeerConnection:
             frame = self._protocol.send_message(kind, request_id, header)
             if defer:
                 self._queue.append(frame)
+                _WATCHDOG.arm()
             elif not self._queue and self._send_lock.acquire(blocking=False):
                 self._unlock_send(frame)  # the common case: written at once, by this thread
             else:
@@ -221,6 +222,7 @@ class PeerConnection:
         except RuntimeError:  # the protocol is closed: the peer is gone
             return
         self._queue.append(frame)
+        _WATCHDOG.arm()
 
     def _enqueue(self, frame: list[bytes | memoryview]) -> None:
         """Queue a frame; write it now if the send lock is free, else its holder will."""
@@ -306,6 +308,7 @@ class PeerConnection:
             self._inbox.close()
         self._sock.close()
         self._closed_event.set()
+        _WATCHDOG.arm()  # (its thread ends once no connection is open)
         self._on_closed(self, error)
 
     # -- reading ------------------------------------------------------------------------------
@@ -366,6 +369,7 @@ class PeerConnection:
         began = time.monotonic()
         with self._state_lock:
             self._inline_since = began
+        _WATCHDOG.arm()
         try:
             fn(*args)
         finally:
@@ -510,12 +514,27 @@ class _Watchdog:
     open, hands reading to a new thread where a request run inline has taken too long, and
     writes frames that were left queued for a sender that did not come; and every
     ``IDLE_CHECK_S``, frees the shared memory segments and received-payload mappings that
-    were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``)."""
+    were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``).
+
+    When no connection runs a request inline or has frames queued, it dozes until
+    ``IDLE_CHECK_S`` passes or ``arm`` wakes it, so an idle process does not wake up a
+    hundred times a second.  Whoever makes work for it (``run_inline``, a queued frame)
+    calls ``arm`` afterwards; the watchdog announces ``dozing`` before its last look at the
+    connections, so either that look sees the work or ``arm`` sees ``dozing``.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._connections: weakref.WeakSet[PeerConnection] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
+        self.dozing = False
+        self._wake = threading.Event()
+
+    def arm(self) -> None:
+        """There is work for the watchdog's next tick: wake it if it dozes (rare: once per
+        quiet spell, not once per call)."""
+        if self.dozing:
+            self._wake.set()
 
     def watch(self, conn: PeerConnection) -> None:
         with self._lock:
@@ -529,9 +548,8 @@ class _Watchdog:
     def _run(self) -> None:
         idle_checked = time.monotonic()
         while True:
-            time.sleep(INLINE_PATIENCE_S)  # a periodic look, like a scheduler tick
             with self._lock:
-                connections = [c for c in self._connections if not c.closed]
+                connections = [conn for conn in self._connections if not conn.closed]
                 if not connections:
                     self._thread = None
                     return
@@ -549,6 +567,25 @@ class _Watchdog:
                     threading.Thread(
                         target=conn._flush_soon, name="thenable-rpc-flush", daemon=True
                     ).start()
+            self._pause(connections)
+
+    def _pause(self, connections: list[PeerConnection]) -> None:
+        """Until the next look: ``INLINE_PATIENCE_S`` (a periodic look, like a scheduler
+        tick) while any connection has work for the watchdog, else a doze."""
+        if any(_has_watchdog_work(conn) for conn in connections):
+            time.sleep(INLINE_PATIENCE_S)
+            return
+        self.dozing = True
+        # The last look, after announcing the doze: work made from now on calls arm().
+        if not any(_has_watchdog_work(conn) or conn.closed for conn in connections):
+            self._wake.wait(IDLE_CHECK_S)
+        self.dozing = False
+        self._wake.clear()
+
+
+def _has_watchdog_work(conn: PeerConnection) -> bool:
+    """Whether ``conn`` runs a request inline or has frames queued (see ``_Watchdog``)."""
+    return conn._inline_since is not None or bool(conn._queue)
 
 
 _WATCHDOG = _Watchdog()
