@@ -25,7 +25,9 @@ echo of a 100 MiB float32 tensor                             thenable/torch band
 ==========================================================  =====================================
 
 Bandwidth counts the bytes of the tensor both ways (sent + returned = 2 x its size), for both
-backends.  The scale section (``--skip-scale`` to skip it) measures ``init_rpc`` and an
+backends.  Among the [info] rows, "CPU while idle" is the CPU both processes use in the second
+after the no-op calls stop, in cores (1.0: one core busy all the time): what busy polling costs
+when nobody calls.  The scale section (``--skip-scale`` to skip it) measures ``init_rpc`` and an
 all-to-all round of no-ops at world sizes 2, 4, 8 and 16, and the latency of an echo of a uint8
 tensor from 8 B to 100 MiB; it draws ``rpc_latency_vs_payload.png`` and
 ``rpc_init_vs_world_size.png`` (with matplotlib, when installed) and writes the tables to

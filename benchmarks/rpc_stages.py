@@ -1,11 +1,11 @@
 """Where the time of an ``rpc_sync`` round trip goes, stage by stage (thenable only).
 
-Two worker processes on this host; rank 0 makes no-op calls to rank 1.  Both take timestamps
-(``time.perf_counter_ns``: CLOCK_MONOTONIC, one clock for the whole host) at points of the call
-path, by wrapping thenable's functions from outside, so the library runs unchanged apart from
-the wrappers' own cost (well under a microsecond each).  For each call whose events all came
-in the expected order, the gaps between them are the stages; the script prints each stage's
-median and quartiles.
+Two worker processes on this host; rank 0 makes no-op calls (``--add``: ``torch.add`` on a
+small tensor) to rank 1.  Both take timestamps (``time.perf_counter_ns``: CLOCK_MONOTONIC, one
+clock for the whole host) at points of the call path, by wrapping thenable's functions from
+outside, so the library runs unchanged apart from the wrappers' own cost (well under a
+microsecond each).  For each call whose events all came in the expected order, the gaps between
+them are the stages; the script prints each stage's median and quartiles.
 
 This is a diagnostic for thenable's own costs, not a comparison: ``bench_rpc.py`` compares
 with torch.  Usage:
