@@ -318,9 +318,17 @@ def test_a_segment_retired_on_release_is_unmapped_by_the_peer_too(
         receiver.close()
 
 
-def _record_polls(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
-    """What each ``PeerConnection._poll`` returns from now on (bytes received, or None for a
-    poll that ran out of time)."""
+def _polls_for_frames(
+    pair: tuple[socket.socket, socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    busy_poll_s: float,
+    count: int,
+    spacing_s: float = 0.0,
+) -> list[int | None]:
+    """Send ``count`` frames, each once the previous one has arrived and ``spacing_s`` has
+    passed; what the receiver's ``_poll`` calls returned meanwhile (bytes received, or None
+    for a poll that ran out of time)."""
     results: list[int | None] = []
     poll = PeerConnection._poll
 
@@ -330,73 +338,49 @@ def _record_polls(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
         return result
 
     monkeypatch.setattr(PeerConnection, "_poll", recorded)
-    return results
+    arrived: queue.Queue[int] = queue.Queue()
+    sender, receiver = _connected(
+        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=busy_poll_s
+    )
+    try:
+        for request_id in range(count):
+            sender.send(MessageKind.NOTIFY, request_id, b"x")
+            assert arrived.get(timeout=WAIT_S) == request_id
+            time.sleep(spacing_s)  # the frames' spacing is what is under test
+        return results.copy()
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def test_a_reader_polls_for_frames_that_come_close_together(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls = _record_polls(monkeypatch)
-    arrived: queue.Queue[int] = queue.Queue()
-    sender, receiver = _connected(
-        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=WAIT_S
-    )
-    try:
-        for request_id in range(20):
-            sender.send(MessageKind.NOTIFY, request_id, b"x")
-            assert arrived.get(timeout=WAIT_S) == request_id
-        # The first wait slept (nothing had come yet); it was short, so every later frame
-        # was taken by polling.
-        assert len(polls) >= 19
-        assert all(received for received in polls[:19]), polls
-    finally:
-        sender.close()
-        receiver.close()
+    polls = _polls_for_frames(pair, monkeypatch, busy_poll_s=WAIT_S, count=20)
+    # The first wait slept (nothing had come yet); it was short, so every later frame was
+    # taken by polling.
+    assert len(polls) >= 19
+    assert all(received for received in polls[:19]), polls
 
 
 def test_a_reader_does_not_poll_for_frames_further_apart(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls = _record_polls(monkeypatch)
-    arrived: queue.Queue[int] = queue.Queue()
-    busy_poll_s = 0.005
-    sender, receiver = _connected(
-        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=busy_poll_s
-    )
-    try:
-        for request_id in range(5):
-            sender.send(MessageKind.NOTIFY, request_id, b"x")
-            assert arrived.get(timeout=WAIT_S) == request_id
-            time.sleep(4 * busy_poll_s)  # the frames' spacing is what is under test
-        # At most one poll (after a quick first frame), which ran out of time: from then on
-        # the waits were long, so the reader slept in recv.
-        assert polls in ([], [None]), polls
-    finally:
-        sender.close()
-        receiver.close()
+    polls = _polls_for_frames(pair, monkeypatch, busy_poll_s=0.005, count=5, spacing_s=0.02)
+    # At most one poll (after a quick first frame), which ran out of time: from then on the
+    # waits were long, so the reader slept in recv.
+    assert polls in ([], [None]), polls
 
 
 def test_a_reader_that_stopped_polling_tries_again_once_in_probe_every_waits(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls = _record_polls(monkeypatch)
-    arrived: queue.Queue[int] = queue.Queue()
-    busy_poll_s = 0.002
-    sender, receiver = _connected(
-        pair, lambda _, message: arrived.put(message.request_id), busy_poll_s=busy_poll_s
-    )
-    try:
-        for request_id in range(2 * _transport._PROBE_EVERY + 4):
-            sender.send(MessageKind.NOTIFY, request_id, b"x")
-            assert arrived.get(timeout=WAIT_S) == request_id
-            time.sleep(4 * busy_poll_s)  # the frames' spacing is what is under test
-        # Two probes (at the 17th and 34th wait), or three if the first wait was short (then
-        # the second polled too), each running out of time: so a stream that is quick only
-        # when polled gets polled again, and a sparse one wastes one poll in 16 waits.
-        assert polls in ([None] * 2, [None] * 3), polls
-    finally:
-        sender.close()
-        receiver.close()
+    count = 2 * _transport._PROBE_EVERY + 4
+    polls = _polls_for_frames(pair, monkeypatch, busy_poll_s=0.002, count=count, spacing_s=0.008)
+    # Two probes (at the 17th and 34th wait), or three if the first wait was short (then the
+    # second polled too), each running out of time: so a stream that is quick only when
+    # polled gets polled again, and a sparse one wastes one poll in 16 waits.
+    assert polls in ([None] * 2, [None] * 3), polls
 
 
 def test_a_reader_stops_using_the_cpu_when_frames_stop_coming(
