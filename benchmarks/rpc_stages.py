@@ -1,15 +1,17 @@
 """Where the time of an ``rpc_sync`` round trip goes, stage by stage (thenable only).
 
 Two worker processes on this host; rank 0 makes no-op calls (``--add``: ``torch.add`` on a
-small tensor) to rank 1.  Both take timestamps (``time.perf_counter_ns``: CLOCK_MONOTONIC, one
-clock for the whole host) at points of the call path, by wrapping thenable's functions from
-outside, so the library runs unchanged apart from the wrappers' own cost (well under a
-microsecond each).  For each call whose events all came in the expected order, the gaps between
-them are the stages; the script prints each stage's median and quartiles.
+small tensor; ``--echo``: a float32 tensor of that many bytes, sent back) to rank 1.  Both take
+timestamps (``time.perf_counter_ns``: CLOCK_MONOTONIC, one clock for the whole host) at points
+of the call path, by wrapping thenable's functions from outside, so the library runs unchanged
+apart from the wrappers' own cost (well under a microsecond each).  For each call whose events
+all came in the expected order, the gaps between them are the stages; the script prints each
+stage's median and quartiles.
 
 This is a diagnostic for thenable's own costs, not a comparison: ``bench_rpc.py`` compares
 with torch.  Usage:
-``python benchmarks/rpc_stages.py [--calls N] [--tcp-only] [--add] [--busy-poll-us US]``.
+``python benchmarks/rpc_stages.py [--calls N] [--tcp-only] [--add | --echo BYTES]
+[--busy-poll-us US]``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def add(tensor: Any, number: int) -> Any:
     result = torch.add(tensor, number)
     EVENTS.append(("s_ran", time.perf_counter_ns()))
     return result
+
+
+def echo(value: Any) -> Any:
+    """``value`` itself, sent back: the round trip with a large tensor (``--echo BYTES``)."""
+    EVENTS.append(("s_ran", time.perf_counter_ns()))
+    return value
 
 
 def take_events() -> list[tuple[str, int]]:
@@ -145,7 +153,13 @@ def _stages(
 
 
 def _worker(
-    rank: int, port: int, calls: int, tcp_only: bool, with_add: bool, busy_poll_us: int | None
+    rank: int,
+    port: int,
+    calls: int,
+    tcp_only: bool,
+    with_add: bool,
+    echo_bytes: int,
+    busy_poll_us: int | None,
 ) -> None:
     _instrument(_ROLE[rank])
     import thenable.rpc as rpc
@@ -156,10 +170,14 @@ def _worker(
         options.busy_poll_us = busy_poll_us
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     if rank == 0:
-        if with_add:
+        if with_add or echo_bytes:
             import torch
 
+        if with_add:
             call = functools.partial(rpc.rpc_sync, "w1", add, args=(torch.ones(2), 3))
+        elif echo_bytes:
+            tensor = torch.ones(echo_bytes // 4)
+            call = functools.partial(rpc.rpc_sync, "w1", echo, args=(tensor,))
         else:
             call = functools.partial(rpc.rpc_sync, "w1", noop)
         for _ in range(300):  # warm-up
@@ -188,6 +206,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000, help="calls measured (3000)")
     parser.add_argument("--tcp-only", action="store_true", help="TCP, no same-host transport")
     parser.add_argument("--add", action="store_true", help="torch.add(ones(2), 3), not a no-op")
+    parser.add_argument("--echo", type=int, default=0, metavar="BYTES", help="echo a tensor")
     parser.add_argument("--busy-poll-us", type=int, help="RpcBackendOptions.busy_poll_us")
     args = parser.parse_args()
     with socket.socket() as probe:
@@ -197,7 +216,15 @@ def main() -> None:
     workers = [
         context.Process(
             target=_worker,
-            args=(rank, port, args.calls, args.tcp_only, args.add, args.busy_poll_us),
+            args=(
+                rank,
+                port,
+                args.calls,
+                args.tcp_only,
+                args.add,
+                args.echo,
+                args.busy_poll_us,
+            ),
         )
         for rank in (0, 1)
     ]

@@ -577,10 +577,16 @@ class _Watchdog:
             return
         self.dozing = True
         # The last look, after announcing the doze: work made from now on calls arm().
+        woken = False
         if not any(_has_watchdog_work(conn) or conn.closed for conn in connections):
-            self._wake.wait(IDLE_CHECK_S)
+            woken = self._wake.wait(IDLE_CHECK_S)
         self.dozing = False
         self._wake.clear()
+        if woken:
+            # Look one tick after the work appeared, as for work seen at a tick: by then a
+            # queued frame has usually gone out with the next one, and a request run inline
+            # has usually ended.
+            time.sleep(INLINE_PATIENCE_S)
 
 
 def _has_watchdog_work(conn: PeerConnection) -> bool:
