@@ -19,7 +19,7 @@ __all__ = (
 
 DEFAULT_RPC_TIMEOUT_SEC = 60.0
 DEFAULT_INIT_METHOD = "env://"
-DEFAULT_BUSY_POLL_US = 300
+DEFAULT_BUSY_POLL_US = 500
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
