@@ -655,6 +655,8 @@ def _fmt(value: float | None, unit: str) -> str:
     v = value * _SCALE.get(unit, 1.0)
     if unit == "calls/s":
         return f"{v:,.0f}"
+    if unit == "cores" and abs(v) < 1:
+        return f"{v:.3f}"  # (an idle thenable worker uses a few thousandths)
     if abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 10:

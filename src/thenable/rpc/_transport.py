@@ -510,11 +510,11 @@ IDLE_CHECK_S = 1.0
 
 
 class _Watchdog:
-    """One thread per process that, every ``INLINE_PATIENCE_S`` while any connection is
-    open, hands reading to a new thread where a request run inline has taken too long, and
-    writes frames that were left queued for a sender that did not come; and every
-    ``IDLE_CHECK_S``, frees the shared memory segments and received-payload mappings that
-    were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``).
+    """One thread per process, alive while any connection is open, that every
+    ``INLINE_PATIENCE_S`` hands reading to a new thread where a request run inline has taken
+    too long, and writes frames that were left queued for a sender that did not come; and
+    every ``IDLE_CHECK_S``, frees the shared memory segments and received-payload mappings
+    that were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``).
 
     When no connection runs a request inline or has frames queued, it dozes until
     ``IDLE_CHECK_S`` passes or ``arm`` wakes it, so an idle process does not wake up a
