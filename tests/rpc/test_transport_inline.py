@@ -7,6 +7,8 @@
   watchdog took the reading from), they are left to the pool.
 - A segment RELEASE with no frame to ride on is still sent, and a segment retired on release
   is unmapped by both ends.
+- The watchdog writes a queued frame only when it has waited a whole tick (otherwise it likely
+  rides with the next frame).
 - The watchdog dozes while no connection needs it, and wakes at once for a request run inline
   or a frame left queued.
 - A reader polls for frames that come within ``busy_poll_s`` of each other; for frames further
@@ -468,3 +470,27 @@ def test_a_dozing_watchdog_wakes_to_send_a_deferred_frame(
     finally:
         sender.close()
         receiver.close()
+
+
+def test_the_watchdog_writes_only_frames_left_queued_for_a_whole_tick(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    sock, _ = pair
+    conn = PeerConnection(  # not started: no watchdog looks at it but this test
+        sock,
+        Connection(key=None, identity=b"a"),
+        1,
+        on_message=lambda *_: None,
+        on_closed=lambda *_: None,
+        description="peer",
+    )
+    try:
+        assert not conn._left_behind()  # nothing queued
+        conn._queue.append([b"first"])
+        assert not conn._left_behind()  # queued since the last look: it may ride along yet
+        assert conn._left_behind()  # still the oldest a tick later: nothing sent it
+        conn._queue.popleft()  # a sender took it, and another frame waits
+        conn._queue.append([b"second"])
+        assert not conn._left_behind()
+    finally:
+        conn.close()

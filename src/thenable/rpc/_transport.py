@@ -116,6 +116,8 @@ class PeerConnection:
             close_all(descriptors)
         # Frames waiting for whoever next holds the send lock (see _enqueue).
         self._queue: collections.deque[list[bytes | memoryview]] = collections.deque()
+        # The oldest queued frame at the watchdog's last look (see _left_behind).
+        self._head_at_last_look: list[bytes | memoryview] | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -148,7 +150,7 @@ class PeerConnection:
         A message without buffers (its header is an immutable bytes object) may be written
         later by another thread, batched with others, so that threads replying on one
         connection never queue up on its lock; with ``defer``, it waits for the next frame
-        sent on this connection (or the watchdog, within ``INLINE_PATIENCE_S``), which saves
+        sent on this connection (or the watchdog, within ``2 * INLINE_PATIENCE_S``), which saves
         a write when one follows soon.  A message with buffers is written before this
         returns: the buffers are the caller's memory, which may change afterwards.
         """
@@ -204,7 +206,7 @@ class PeerConnection:
 
     def _release(self, segment_id: int) -> None:
         """Queue a RELEASE of a segment: it goes out with the next frame sent on this
-        connection (in the same system call), or within ``INLINE_PATIENCE_S`` from the
+        connection (in the same system call), or within ``2 * INLINE_PATIENCE_S`` from the
         watchdog if nothing is sent meanwhile.
 
         Called by the Inbox when the last view of a received message is collected: in any
@@ -386,6 +388,18 @@ class PeerConnection:
         for segment_id in self._outbox.retire_idle(now):
             self._queue_control(segment_id, _shm.FLAG_RETIRE)
 
+    def _left_behind(self) -> bool:
+        """The watchdog's look: whether the oldest queued frame was already the oldest at its
+        previous look, a tick ago, so nothing has written it since (else it likely rides
+        with the next frame sent, and a write of its own would be wasted)."""
+        try:
+            head = self._queue[0]
+        except IndexError:  # (empty, or emptied by a sender meanwhile)
+            head = None
+        left = head is not None and head is self._head_at_last_look
+        self._head_at_last_look = head
+        return left
+
     def _check_inline(self, now: float) -> None:
         """The watchdog's look: take the reading over from a handler run inline too long."""
         since = self._inline_since
@@ -512,7 +526,7 @@ IDLE_CHECK_S = 1.0
 class _Watchdog:
     """One thread per process, alive while any connection is open, that every
     ``INLINE_PATIENCE_S`` hands reading to a new thread where a request run inline has taken
-    too long, and writes frames that were left queued for a sender that did not come; and
+    too long, and writes frames that were left queued a whole tick (no sender came); and
     every ``IDLE_CHECK_S``, frees the shared memory segments and received-payload mappings
     that were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``).
 
@@ -561,9 +575,9 @@ class _Watchdog:
                     conn._retire_idle(now)
             for conn in connections:
                 conn._check_inline(now)
-                if conn._queue:  # frames left for a sender that did not come (RELEASEs,
-                    # deferred replies).  In a thread of its own: a write can block, and
-                    # this thread must not.
+                if conn._left_behind():  # frames left for a sender that did not come
+                    # (RELEASEs, deferred replies).  In a thread of its own: a write can
+                    # block, and this thread must not.
                     threading.Thread(
                         target=conn._flush_soon, name="thenable-rpc-flush", daemon=True
                     ).start()

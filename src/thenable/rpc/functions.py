@@ -50,7 +50,8 @@ _DEFERRED = "_thenable_reply_may_wait"
 def reply_may_wait(fn: F) -> F:
     """(Internal) Mark an RPC function whose reply the caller does not wait for at once (the
     confirmation of ``remote()``'s creation request): the callee sends it with its next frame
-    to the caller, or within the transport watchdog's tick, instead of in a write of its own.
+    to the caller, or within two of the transport watchdog's ticks, instead of in a write of its
+    own.
     """
     setattr(fn, _DEFERRED, True)
     return fn
