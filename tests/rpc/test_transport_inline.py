@@ -328,9 +328,9 @@ def _polls_for_frames(
     count: int,
     spacing_s: float = 0.0,
 ) -> list[int | None]:
-    """Send ``count`` frames, each once the previous one has arrived and ``spacing_s`` has
-    passed; what the receiver's ``_poll`` calls returned meanwhile (bytes received, or None
-    for a poll that ran out of time)."""
+    """Send ``count`` frames, each ``spacing_s`` after the receiver got the previous one (the
+    first, ``spacing_s`` after the receiver started); what the receiver's ``_poll`` calls
+    returned meanwhile (bytes received, or None for a poll that ran out of time)."""
     results: list[int | None] = []
     poll = PeerConnection._poll
 
@@ -346,9 +346,9 @@ def _polls_for_frames(
     )
     try:
         for request_id in range(count):
+            time.sleep(spacing_s)  # the frames' spacing is what is under test
             sender.send(MessageKind.NOTIFY, request_id, b"x")
             assert arrived.get(timeout=WAIT_S) == request_id
-            time.sleep(spacing_s)  # the frames' spacing is what is under test
         return results.copy()
     finally:
         sender.close()
@@ -369,9 +369,8 @@ def test_a_reader_does_not_poll_for_frames_further_apart(
     pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     polls = _polls_for_frames(pair, monkeypatch, busy_poll_s=0.005, count=5, spacing_s=0.02)
-    # At most one poll (after a quick first frame), which ran out of time: from then on the
-    # waits were long, so the reader slept in recv.
-    assert polls in ([], [None]), polls
+    # Every wait was long, so the reader slept in recv each time.
+    assert polls == [], polls
 
 
 def test_a_reader_that_stopped_polling_tries_again_once_in_probe_every_waits(
@@ -379,10 +378,37 @@ def test_a_reader_that_stopped_polling_tries_again_once_in_probe_every_waits(
 ) -> None:
     count = 2 * _transport._PROBE_EVERY + 4
     polls = _polls_for_frames(pair, monkeypatch, busy_poll_s=0.002, count=count, spacing_s=0.008)
-    # Two probes (at the 17th and 34th wait), or three if the first wait was short (then the
-    # second polled too), each running out of time: so a stream that is quick only when
-    # polled gets polled again, and a sparse one wastes one poll in 16 waits.
-    assert polls in ([None] * 2, [None] * 3), polls
+    # Two probes (at the 17th and 34th wait), each running out of time: so a stream that is
+    # quick only when polled gets polled again, and a sparse one wastes one poll in 16 waits.
+    assert polls == [None, None], polls
+
+
+def _decisions(policy: _transport._PollPolicy, waits: list[float]) -> list[bool]:
+    """Whether ``policy`` polled for each of these waits (seconds), in turn."""
+    polled = []
+    for seconds in waits:
+        polled.append(policy.poll())
+        policy.waited(seconds)
+    return polled
+
+
+def test_the_poll_policy_polls_after_short_waits_and_through_one_long_one() -> None:
+    window = 0.001
+    short, long = window / 2, window * 2
+    polled = _decisions(_transport._PollPolicy(window), [short, short, long, short, short])
+    # Not before anything came; then after every short wait, and through one long wait.
+    assert polled == [False, True, True, True, True]
+    polled = _decisions(_transport._PollPolicy(window), [short, long, long, long, short, short])
+    # Two long waits in a row stop it; a short one (here not polled) starts it again.
+    assert polled == [False, True, True, False, False, True]
+    assert _decisions(_transport._PollPolicy(0.0), [0.0] * 5) == [False] * 5  # 0: never
+
+
+def test_the_poll_policy_probes_once_in_probe_every_waits_after_stopping() -> None:
+    window = 0.001
+    every = _transport._PROBE_EVERY
+    polled = _decisions(_transport._PollPolicy(window), [window * 2] * (3 * every + 3))
+    assert [i for i, p in enumerate(polled) if p] == [every, 2 * every + 1, 3 * every + 2]
 
 
 def test_a_reader_stops_using_the_cpu_when_frames_stop_coming(
@@ -403,8 +429,8 @@ def test_a_reader_stops_using_the_cpu_when_frames_stop_coming(
         before = time.clock_gettime(cpu_clock)
         time.sleep(idle_s)  # idle: what is under test
         used = time.clock_gettime(cpu_clock) - before
-        # It polls for at most busy_poll_s after the last frame (polling throughout would
-        # take about idle_s of CPU), then sleeps in recv.
+        # It polls for at most _LONG_WAITS * busy_poll_s after the last frame (polling
+        # throughout would take about idle_s of CPU), then sleeps in recv.
         assert used < idle_s / 2, used
     finally:
         sender.close()

@@ -58,8 +58,9 @@ _LOGGER = logging.getLogger("thenable.rpc.transport")
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _RECV_BYTES = 1 << 18
-# A reader that stopped polling (frames came further apart than busy_poll_s) polls again
-# once in this many waits (see _read_loop).
+# A reader stops polling after this many waits in a row longer than busy_poll_s, and then
+# polls again once in _PROBE_EVERY waits (see _PollPolicy).
+_LONG_WAITS = 2
 _PROBE_EVERY = 16
 # How long a clean close waits to write the frames still queued.
 _FLUSH_TIMEOUT_S = 1.0
@@ -439,13 +440,8 @@ class PeerConnection:
         _PER_THREAD.on_block = self._hand_off
         protocol = self._protocol
         busy_poll_s = self._busy_poll_s
+        policy = _PollPolicy(busy_poll_s)
         clock = time.monotonic
-        # Whether to poll before sleeping: the last wait for data was shorter than
-        # busy_poll_s, so the next one likely is too.  Frames further apart than that make
-        # the reader poll only once in _PROBE_EVERY waits: a wait that is short only when
-        # the reader polls (slept, it also pays for the wake-ups) then gets polled again.
-        poll = False
-        unpolled = 0
         me = threading.current_thread()
         with self._state_lock:
             if self._reader is me:  # (else taken over already, before it even started)
@@ -457,15 +453,10 @@ class PeerConnection:
                 if event is None:
                     view = protocol.get_buffer(_RECV_BYTES)
                     began = clock()
-                    received = None
-                    if poll or unpolled >= _PROBE_EVERY:
-                        unpolled = 0
-                        received = self._poll(view, began + busy_poll_s)
-                    elif busy_poll_s:
-                        unpolled += 1
+                    received = self._poll(view, began + busy_poll_s) if policy.poll() else None
                     if received is None:
                         received = self._receive(view)
-                    poll = clock() - began < busy_poll_s
+                    policy.waited(clock() - began)
                     if received:
                         protocol.buffer_updated(received)
                     else:
@@ -511,6 +502,38 @@ class PeerConnection:
 
 def _noop() -> None:
     return None
+
+
+class _PollPolicy:
+    """Whether a reader polls for its next frame before it sleeps (``PeerConnection._poll``).
+
+    It polls while its waits for data are shorter than ``busy_poll_s``: the next one likely
+    is too.  One long wait (a preemption, a garbage collection) does not stop the polling;
+    ``_LONG_WAITS`` in a row do.  From then on it polls only once in ``_PROBE_EVERY`` waits,
+    so that a stream whose waits are short only when the reader polls (sleeping, it also
+    pays for the wake-ups) gets polled again.
+    """
+
+    __slots__ = ("_busy_poll_s", "_long_waits", "_unpolled")
+
+    def __init__(self, busy_poll_s: float) -> None:
+        self._busy_poll_s = busy_poll_s
+        self._long_waits = _LONG_WAITS  # nothing received yet: no reason to poll
+        self._unpolled = 0  # waits since the last poll
+
+    def poll(self) -> bool:
+        """Whether to poll for the next frame (``waited`` reports how long it took)."""
+        if not self._busy_poll_s:
+            return False
+        if self._long_waits < _LONG_WAITS or self._unpolled >= _PROBE_EVERY:
+            self._unpolled = 0
+            return True
+        self._unpolled += 1
+        return False
+
+    def waited(self, seconds: float) -> None:
+        """The wait for data took ``seconds``, polled or slept."""
+        self._long_waits = 0 if seconds < self._busy_poll_s else self._long_waits + 1
 
 
 INLINE_PATIENCE_S = 0.01
