@@ -57,10 +57,11 @@ class RpcBackendOptions:
             256 KiB or more through shared memory (Linux; see ``thenable.rpc._shm``); False
             makes them use TCP like workers on other hosts.
         busy_poll_us: after a frame arrives, how long (microseconds) a connection's reader
-            may poll for the next one before it sleeps, if the last wait was that short too.
-            Polling keeps the CPU awake; waking a sleeping one costs tens of microseconds on
-            a virtual machine, more than a whole no-op call.  Connections whose messages come
-            further apart never poll, and an idle process uses no CPU.  0: never poll.
+            may poll for the next one before it sleeps, if its recent waits were that short
+            too.  Polling keeps the CPU awake; waking a sleeping one costs tens of
+            microseconds on a virtual machine, more than a whole no-op call.  Connections
+            whose messages come further apart poll once in 16 waits, and an idle process uses
+            no CPU.  0: never poll.
         device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
             sent yet, so they must stay empty.
     """

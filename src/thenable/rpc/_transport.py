@@ -13,11 +13,11 @@ RPC future calling ``rpc_sync``, say), the reader hands its job to a fresh reade
 (leader/follower), so a blocked callback never stops the connection from delivering the very
 reply it waits for.
 
-After a frame arrives, a reader whose last wait was short polls the socket for the next one
-for up to ``busy_poll_s`` before it sleeps in ``recv`` (see ``PeerConnection._poll``): on a
+After a frame arrives, a reader whose recent waits were short polls the socket for the next
+one for up to ``busy_poll_s`` before it sleeps in ``recv`` (``PeerConnection._poll``): on a
 virtual machine, waking a sleeping CPU costs more than a whole no-op call, and a CPU that
 polls stays awake.  A connection whose frames come further apart than that polls only once in
-``_PROBE_EVERY`` waits, and an idle one not at all.
+``_PROBE_EVERY`` waits (``_PollPolicy``), and an idle one not at all.
 
 On a same-host (Unix-domain) connection, large payloads travel through shared memory
 (``_shm``) instead of the socket.  A watchdog thread makes sure that a request run by a reader
