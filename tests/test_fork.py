@@ -288,6 +288,12 @@ def test_wait_rejects_a_non_future() -> None:
         thenable.wait(concurrent.futures.Future())  # type: ignore[arg-type]
 
 
+def test_wait_of_none_is_a_runtime_error_as_in_torch() -> None:
+    """torch.jit.wait(None) raises RuntimeError ("Future can't be None")."""
+    with pytest.raises(RuntimeError, match=r"takes the Future returned by fork\(\), got None$"):
+        thenable.wait(None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("value", "type_name"), [(42, "int"), (None, "NoneType"), ("f", "str")])
 def test_fork_rejects_a_non_callable(value: object, type_name: str) -> None:
     with pytest.raises(
@@ -745,8 +751,12 @@ def test_fork_exception_propagates_through_then_children() -> None:
         result_of(child)
     with pytest.raises(TaskError, match=r"^bad input$") as via_grandchild:
         result_of(grandchild)
-    assert via_child.value is original.value
-    assert via_grandchild.value is original.value
+    # The first then() makes one copy that is also a RuntimeError (as torch's is); the
+    # grandchild passes that same copy on.
+    assert via_child.value is not original.value
+    assert isinstance(via_child.value, RuntimeError)
+    assert not isinstance(original.value, RuntimeError)
+    assert via_grandchild.value is via_child.value
 
 
 # -- interpreter exit ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import gc
 import logging
 import pickle
 import threading
+import traceback
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -138,8 +139,11 @@ def test_repr_shows_state() -> None:
 def test_future_cannot_be_pickled() -> None:
     fut: Future[int] = Future()
     fut.set_result(1)
-    with pytest.raises(TypeError, match="cannot be pickled"):
+    # torch's message and type (RuntimeError), and pickle's type for the unpicklable.
+    with pytest.raises(RuntimeError, match=r"^Can not pickle torch\.futures\.Future") as info:
         pickle.dumps(fut)
+    assert isinstance(info.value, TypeError)
+    assert "fut.wait()" in str(info.value)
 
 
 # -- waiting ------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def test_then_child_fails_with_original_exception_and_callback_traceback() -> No
     assert "raising_callback" in frames
 
 
-def test_then_callback_waiting_on_failed_parent_propagates_same_exception() -> None:
+def test_then_callback_waiting_on_failed_parent_propagates_the_exception() -> None:
     error = KeyError("missing")
     fut: Future[int] = Future()
     child = fut.then(lambda f: f.wait())
@@ -288,7 +292,48 @@ def test_then_callback_waiting_on_failed_parent_propagates_same_exception() -> N
     fut.set_exception(error)
     with pytest.raises(KeyError) as info:
         grandchild.wait()
-    assert info.value is error
+    # The first link makes the one copy that is also a RuntimeError; the rest pass it on.
+    assert info.value is child._exception
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.args == ("missing",)
+    assert fut._exception is error and not isinstance(error, RuntimeError)
+
+
+class _CodedError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def test_then_callback_errors_are_catchable_as_runtime_error_as_in_torch() -> None:
+    """torch fails a then() child with RuntimeError; thenable keeps the type and adds that."""
+    fut: Future[int] = Future()
+    wrong_arg = fut.then(lambda f: f + 1)  # type: ignore[operator]
+    raised = fut.then(lambda f: (_ for _ in ()).throw(_CodedError("coded", 7)))
+    runtime = fut.then(lambda f: (_ for _ in ()).throw(RuntimeError("as is")))
+    fut.set_result(5)
+    with pytest.raises(RuntimeError, match=r"unsupported operand type.*Future.*int"):
+        wrong_arg.wait()
+    with pytest.raises(TypeError):
+        wrong_arg.wait()
+    with pytest.raises(RuntimeError, match=r"^coded$") as info:
+        raised.wait()
+    assert isinstance(info.value, _CodedError) and info.value.code == 7
+    assert type(info.value).__name__ == "_CodedError"
+    assert "_CodedError: coded" in "".join(traceback.format_exception(info.value))
+    with pytest.raises(RuntimeError, match=r"^as is$") as plain:
+        runtime.wait()
+    assert type(plain.value) is RuntimeError  # already one: passed on untouched
+
+
+def test_a_then_error_that_is_also_a_runtime_error_pickles_as_both() -> None:
+    fut: Future[int] = Future()
+    child = fut.then(lambda f: int("x"))
+    fut.set_result(1)
+    error = child._exception
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, ValueError) and isinstance(copy, RuntimeError)
+    assert copy.args == error.args  # type: ignore[union-attr]
 
 
 def test_raising_add_done_callback_is_logged_and_isolated(caplog: pytest.LogCaptureFixture) -> None:

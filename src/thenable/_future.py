@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 from thenable import _devices
+from thenable._errors import as_runtime_error
 
 if TYPE_CHECKING:
     from thenable._devices import DeviceSpec
@@ -161,10 +162,15 @@ class Future(Generic[T]):
         return f"<{type(self).__qualname__} at {id(self):#x} {detail}>"
 
     def __reduce__(self) -> NoReturn:
-        raise TypeError(
-            "a thenable.Future cannot be pickled: it is a handle to a computation in this process. "
-            "Send its value instead (fut.wait()), or return the Future from an "
-            "@rpc.functions.async_execution function to have RPC send its value when ready."
+        # A TypeError, as pickle raises for what it cannot pickle, and a RuntimeError, as
+        # torch raises ("Can not pickle torch.futures.Future").
+        raise as_runtime_error(
+            TypeError(
+                "Can not pickle torch.futures.Future (nor thenable.Future): it is a handle to a "
+                "computation in this process. Send its value instead (fut.wait()), or return the "
+                "Future from an @rpc.functions.async_execution function to have RPC send its "
+                "value when ready."
+            )
         )
 
     # -- completion ---------------------------------------------------------------------------
@@ -348,8 +354,12 @@ class Future(Generic[T]):
         """Return a new Future that completes with ``callback(self)`` once this one completes.
 
         If the callback raises (for example by calling ``wait()`` on this future when it
-        failed), the returned Future fails with that same exception object, type, message and
-        the callback's traceback intact.  The new Future inherits this Future's devices.
+        failed), the returned Future fails with that exception: its type, message, attributes
+        and the callback's traceback intact.  Where torch would fail it with a
+        ``RuntimeError`` instead, the exception is also an instance of ``RuntimeError`` (a
+        ``ValueError`` raised in the callback is caught by ``except ValueError`` and by
+        ``except RuntimeError``; see ``thenable._errors``).  The new Future inherits this
+        Future's devices.
 
         Raises:
             TypeError: ``callback`` is not callable.
@@ -439,10 +449,12 @@ def _invoke_one(future: Future[Any], entry: _Entry) -> None:
             exc.with_traceback(traceback)  # drop the re-raise's frames: they hold future
         else:
             traceback = exc.__traceback__
+        # torch fails the child with a RuntimeError: the child's exception is also one.
+        error = as_runtime_error(exc)
         # Not strict: the user may have completed the child by hand; its value stands then.
-        entry._complete(None, exc, traceback, False)
+        entry._complete(None, error, traceback, False)
         # Break the cycle exception -> traceback -> this frame -> child -> exception.
-        entry = future = traceback = None  # type: ignore[assignment]
+        entry = future = traceback = error = None  # type: ignore[assignment]
         return
     entry._complete(result, None, None, False)
     entry = None  # type: ignore[assignment]

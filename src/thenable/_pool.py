@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from thenable._errors import as_runtime_error
 from thenable._future import _PER_THREAD, Future
 
 __all__ = ["InteropPool", "TaskExecutor", "default_pool"]
@@ -399,11 +400,11 @@ def wait(future: Future[T]) -> T:
     """Return the result of a forked task, running it in this thread if no worker has started it.
 
     Raises:
-        TypeError: ``future`` is not a thenable Future.
+        TypeError: ``future`` is not a thenable Future (also a ``RuntimeError``, which torch
+            raises for ``torch.jit.wait(None)``).
         Exception: the task's own exception.
     """
     if not isinstance(future, Future):
-        raise TypeError(
-            f"wait() takes the Future returned by fork(), got {type(future).__qualname__}"
-        )
+        what = "None" if future is None else type(future).__qualname__
+        raise as_runtime_error(TypeError(f"wait() takes the Future returned by fork(), got {what}"))
     return future.wait()
