@@ -101,6 +101,7 @@ class Failure:
         cause_text: ``str(__cause__)`` (for thenable's RemoteTraceback: the remote traceback).
         attributes: the exception's ``__dict__`` entries that pickle (custom attributes).
         args: ``repr`` of its ``args``.
+        bases: ``module.qualname`` of every class in its MRO (``builtins.RuntimeError``...).
     """
 
     type_name: str
@@ -110,6 +111,7 @@ class Failure:
     cause_text: str = ""
     attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
     args: str = ""
+    bases: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, exc: BaseException) -> Failure:
@@ -130,6 +132,7 @@ class Failure:
             cause_text=str(cause) if cause is not None else "",
             attributes=attributes,
             args=repr(exc.args),
+            bases=tuple(qualified_name(klass) for klass in type(exc).__mro__),
         )
 
 

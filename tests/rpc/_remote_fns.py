@@ -708,7 +708,7 @@ def rref_view(rref: rpc.RRef[Counter]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "me": rpc.get_worker_info().name,
         "is_owner": rref.is_owner(),
-        "owner": tuple(rref.owner()),
+        "owner": (rref.owner().name, rref.owner().id),
         "owner_name": rref.owner_name(),
         "value": rref.to_here().value,
     }
@@ -770,7 +770,7 @@ def check_owner_rref() -> dict[str, Any]:
         "local_value_is_value": rref.local_value() is value,
         "to_here_is_value": rref.to_here() is value,
         "confirmed": rref.confirmed_by_owner(),
-        "owner": (type(rref.owner()).__name__, *rref.owner()),
+        "owner": (type(rref.owner()).__name__, rref.owner().name, rref.owner().id),
         "owner_name": rref.owner_name(),
         "repr": repr(rref),
     }
@@ -780,7 +780,7 @@ def check_user_rref() -> dict[str, Any]:
     rref = rpc.remote("worker1", Counter, args=(5,))
     out: dict[str, Any] = {
         "is_owner": rref.is_owner(),
-        "owner": (type(rref.owner()).__name__, *rref.owner()),
+        "owner": (type(rref.owner()).__name__, rref.owner().name, rref.owner().id),
         "owner_name": rref.owner_name(),
         "to_here": rref.to_here().value,
         "local_value": failure_of(rref.local_value),

@@ -66,7 +66,7 @@ def test_get_worker_info(group: Group) -> None:
     assert out["other"] == ("WorkerInfo", "worker1", 1)
     assert out["is_workerinfo"] is True
     assert out["equal_to_tuple"] is True
-    _is(out["unknown"], ValueError, "worker9")
+    _is(out["unknown"], rpc.UnknownWorkerError, "worker9")
     assert out["remote_view"] == ("worker2", 2, "worker0", 0)
 
 
@@ -121,7 +121,7 @@ def test_unpicklable_return_value_fails_the_call_and_worker_keeps_serving(group:
         failure = out[label]
         assert isinstance(failure, Failure)
         assert "_thread.lock" in failure.message, failure.traceback
-        assert failure.type_name == "thenable.rpc._serialize.SerializationError"
+        assert failure.type_name == "thenable.rpc._errors.SerializationError"
         assert failure.cause_text.startswith(WORKER1_TRACE)
     assert out["next-call"] == 5
     assert out["worker1-pending"] == 0
@@ -129,10 +129,10 @@ def test_unpicklable_return_value_fails_the_call_and_worker_keeps_serving(group:
 
 def test_unknown_destination_fails_at_once(group: Group) -> None:
     out = group.call(0, fns.check_unknown_destination)
-    _is(out["sync"], ValueError, "'worker9'")
-    _is(out["async"], ValueError, "'nobody'")
-    _is(out["remote"], ValueError, "'worker9'")
-    _is(out["rank"], ValueError, "9")
+    _is(out["sync"], rpc.UnknownWorkerError, "'worker9'")
+    _is(out["async"], rpc.UnknownWorkerError, "'nobody'")
+    _is(out["remote"], rpc.UnknownWorkerError, "'worker9'")
+    _is(out["rank"], rpc.UnknownWorkerError, "9")
     assert out["seconds"] < 5.0  # not after a timeout
 
 
@@ -153,7 +153,7 @@ def test_rpc_before_init_rpc_fails() -> None:
 
 def test_call_longer_than_its_timeout_fails_with_timeout_error(group: Group) -> None:
     out = group.call(0, fns.check_timeout, 0.5)
-    _is(out["failure"], TimeoutError, "timed out after 0.5 s", "wait_for_gate", "worker1")
+    _is(out["failure"], rpc.RpcTimeoutError, "timed out after 0.5 s", "wait_for_gate", "worker1")
     assert 0.45 <= out["elapsed"] < 10.0
     assert out["next"] == "worker1"
 
@@ -211,7 +211,7 @@ def test_timeout_zero_means_no_limit(make_group: Any) -> None:
     group.wait_signal(1, "no-limit")  # its handler runs, and blocks
     group.call(0, fns.start_call, "default", "worker1", fns.signal_and_wait_for_gate, ("default",))
     outcome, elapsed = group.call(0, fns.finish_call, "default")
-    _is(outcome, TimeoutError, "timed out after 1.0 s")
+    _is(outcome, rpc.RpcTimeoutError, "timed out after 1.0 s")
     assert 0.9 <= elapsed < 10.0  # the timer starts just before start_call reads the clock
     # The unlimited call started before the default one, so it has been pending for more than
     # the default timeout by now.

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from thenable.rpc import _protocol, _serialize
+from thenable.rpc._errors import RemoteError, SerializationError
 from thenable.rpc._serialize import (
     _IN_BAND_BYTES,
-    RemoteError,
     RemoteTraceback,
-    SerializationError,
     dumps,
     dumps_exception,
     loads,

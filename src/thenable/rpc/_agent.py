@@ -20,7 +20,6 @@ the callee never aliases the caller's arrays.
 from __future__ import annotations
 
 import enum
-import functools
 import itertools
 import json
 import logging
@@ -34,6 +33,14 @@ from typing import Any
 from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable.rpc import _context, _recycled
+from thenable.rpc._errors import (
+    AsyncExecutionError,
+    RpcConnectionError,
+    RpcError,
+    RpcTimeoutError,
+    SerializationError,
+    UnknownWorkerError,
+)
 from thenable.rpc._options import RpcBackendOptions, WorkerInfo
 from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
@@ -81,7 +88,7 @@ class WorkerAddress:
 class _Pending:
     """A call in flight: its Future, where it went, and what to say if it fails."""
 
-    __slots__ = ("counted", "fn", "future", "link", "peer_rank", "timeout")
+    __slots__ = ("counted", "fn", "future", "holds", "link", "peer_rank", "timeout")
 
     def __init__(
         self,
@@ -91,8 +98,10 @@ class _Pending:
         fn: object,
         counted: bool,  # an application call, counted for the shutdown barrier
         timeout: float,
+        holds: list[Any] | None,  # RRefs to keep alive until the callee has read the request
     ) -> None:
         self.future = future
+        self.holds = holds
         self.peer_rank = peer_rank
         self.link = link
         self.fn = fn
@@ -120,6 +129,8 @@ class Agent:
         self.rank = rank
         self.world_size = world_size
         self.options = options
+        # Default seconds of a call (0: no limit); rpc._set_rpc_timeout changes it.
+        self.rpc_timeout = float(options.rpc_timeout)
         self._key = key
         self._identity = json.dumps({"name": name, "rank": rank}).encode()
         self._state = AgentState.RUNNING
@@ -128,6 +139,8 @@ class Agent:
         # Invariant (under _lock): every Future in _pending is pending, and is completed by
         # whoever removes its entry.
         self._pending: dict[int, _Pending] = {}
+        # Requests that timed out with RRefs on board (case 2 of _rref's protocol), by id.
+        self._late_holds: dict[int, tuple[Any, list[Any]]] = {}
         self._issued = 0  # application calls sent so far, for the shutdown barrier
         # Requests received and not yet answered; shutdown waits for them to reach zero.
         self._unanswered = 0
@@ -210,6 +223,10 @@ class Agent:
             return WorkerInfo(self.name, self.rank)
         return WorkerInfo(name, self.resolve(name))
 
+    def worker_infos(self) -> list[WorkerInfo]:
+        """Every worker of the group, by rank (this one included)."""
+        return [WorkerInfo(w.name, w.rank) for _, w in sorted(self._workers.items())]
+
     def name_of(self, rank: int) -> str:
         worker = self._workers.get(rank)
         return worker.name if worker is not None else f"rank {rank}"
@@ -227,20 +244,20 @@ class Agent:
                 return rank
         if not self._ready.is_set():
             # A handler may run before init_rpc has learned the table (a peer was faster).
-            self._ready.wait(self.options.rpc_timeout or None)
+            self._ready.wait(self.rpc_timeout or None)
         if isinstance(to, WorkerInfo):
             to = to.id
         if isinstance(to, str):
             rank = self._ranks_by_name.get(to)
             if rank is None:
-                raise ValueError(
+                raise UnknownWorkerError(
                     f"unknown destination worker {to!r}; the workers are "
                     f"{sorted(self._ranks_by_name)}"
                 )
             return rank
         if isinstance(to, int) and not isinstance(to, bool):
             if to not in self._workers:
-                raise ValueError(
+                raise UnknownWorkerError(
                     f"unknown destination rank {to}; ranks are 0..{self.world_size - 1}"
                 )
             return to
@@ -275,21 +292,21 @@ class Agent:
             header, buffers = dumps((fn, args, kwargs))
         record = message.record
         future: Future[Any] = Future()
-        if record.holds:  # RRefs that must stay alive until the reply (see _rref)
-            future.add_done_callback(functools.partial(_keep_until_done, record.holds))
         request_id = next(self._ids)
         try:
             link = self._link_to(to_rank)
         except (OSError, ConnectionError) as exc:
             record.unsent()
-            error = ConnectionError(
+            error = RpcConnectionError(
                 f"{_describe_call(self, fn, to_rank)} failed: cannot reach "
                 f"{self.name_of(to_rank)}: {exc}"
             )
             future._complete(None, error)
             return future
         with self._lock:
-            self._pending[request_id] = _Pending(future, to_rank, link, fn, counted, timeout)
+            self._pending[request_id] = _Pending(
+                future, to_rank, link, fn, counted, timeout, record.holds or None
+            )
             if counted:
                 self._issued += 1
         if timeout > 0:
@@ -299,7 +316,8 @@ class Agent:
         except ConnectionError as exc:
             record.unsent()
             self._fail(
-                request_id, ConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}")
+                request_id,
+                RpcConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}"),
             )
         else:
             record.sent()
@@ -322,8 +340,12 @@ class Agent:
     def _expire(self, request_id: int, timeout: float) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
+            if pending is not None and pending.holds is not None:
+                # The callee may not have read the request yet: the RRefs it carries stay
+                # alive until its late reply comes (or the connection goes), see _rref.
+                self._late_holds[request_id] = (pending.link, pending.holds)
         if pending is not None:
-            error = TimeoutError(f"RPC {pending.describe(self)} timed out after {timeout} s")
+            error = RpcTimeoutError(f"RPC {pending.describe(self)} timed out after {timeout} s")
             # Completed on the pool: user callbacks must not stall the timer thread (unless
             # the pool is shut down: then here, so that the call still ends).
             done = self.pool.submit(pending.future._complete, None, error)
@@ -463,6 +485,8 @@ class Agent:
                 del self._links[conn.peer_rank]
             lost = [rid for rid, p in self._pending.items() if p.link is conn]
             entries = [self._pending.pop(rid) for rid in lost]
+            for rid in [rid for rid, (link, _) in self._late_holds.items() if link is conn]:
+                del self._late_holds[rid]
         if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN:
             self.coordinator.peer_lost(conn.peer_rank)
         if self._state is AgentState.SHUT_DOWN:
@@ -473,7 +497,7 @@ class Agent:
             )
         for entry in entries:
             entry.future._complete(
-                None, ConnectionError(f"RPC {entry.describe(self)} failed: {reason}")
+                None, RpcConnectionError(f"RPC {entry.describe(self)} failed: {reason}")
             )
 
     # -- receiving ----------------------------------------------------------------------------
@@ -497,7 +521,9 @@ class Agent:
     def _on_reply(self, link: Any, message: Message) -> None:
         with self._lock:
             pending = self._pending.pop(message.request_id, None)
+            late = self._late_holds.pop(message.request_id, None) if pending is None else None
         if pending is None:
+            del late  # the callee has read the request: its RRefs may go
             return  # it timed out or was failed already; the late reply is dropped
         if pending.timeout > 0:
             self._deadlines.cancel(message.request_id, pending.timeout)
@@ -511,9 +537,18 @@ class Agent:
                     exception = loads_exception(message.header, message.buffers)
         except Exception as exc:
             value = None
-            exception = RuntimeError(f"RPC {pending.describe(self)}: cannot load the reply: {exc}")
-            exception.__cause__ = exc
+            exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
         pending.future._complete(value, exception)
+
+    def _load_error(self, what: str, exc: Exception) -> SerializationError:
+        """The error for a received message that cannot be unpickled here (torch: RuntimeError)."""
+        error = SerializationError(
+            f"worker {self.name!r} cannot load {what}: {type(exc).__name__}: {exc}; functions "
+            "and the classes of arguments and results must be importable on both sides, under "
+            "the same module names"
+        )
+        error.__cause__ = exc
+        return error
 
     def _on_notification(self, link: Any, message: Message) -> None:
         try:
@@ -529,11 +564,15 @@ class Agent:
         try:
             with _context.receiving(self, link.peer_rank):
                 fn, args, kwargs = loads(message.header, message.buffers)
+        except Exception as exc:
+            self._send_error(link, request_id, self._load_error("the call", exc))
+            return
+        try:
             del message
             result = fn(*args, **kwargs)
             if is_async_execution(fn):
                 if not isinstance(result, Future):
-                    raise TypeError(
+                    raise AsyncExecutionError(
                         f"{_qualname(fn)} is marked @async_execution but returned "
                         f"{type(result).__qualname__}, not a thenable Future"
                     )
@@ -599,7 +638,7 @@ class Agent:
                 while self._unanswered:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
-                        raise TimeoutError(
+                        raise RpcTimeoutError(
                             f"{self._unanswered} request(s) to worker {self.name!r} still "
                             "unanswered"
                         )
@@ -622,6 +661,7 @@ class Agent:
             self._state = AgentState.SHUT_DOWN
             entries = list(self._pending.values())
             self._pending.clear()
+            self._late_holds.clear()
             connections = list(self._all_connections)
         self.listener.close()
         if self.local_listener is not None:
@@ -631,9 +671,7 @@ class Agent:
         for entry in entries:
             entry.future._complete(
                 None,
-                RuntimeError(
-                    f"RPC {entry.describe(self)} failed: RPC was shut down on this worker"
-                ),
+                RpcError(f"RPC {entry.describe(self)} failed: RPC was shut down on this worker"),
             )
         self._deadlines.close()
         self.rrefs.close()
@@ -755,10 +793,6 @@ class _Deadlines:
                     self._expire(request_id, timeout)
                 except Exception:
                     _LOGGER.exception("failing RPC request %d at its timeout failed", request_id)
-
-
-def _keep_until_done(holds: list[Any], _: Future[Any]) -> None:
-    """A callback whose only job is to reference ``holds`` until the Future completes."""
 
 
 def _parse_identity(identity: bytes) -> tuple[str, int]:

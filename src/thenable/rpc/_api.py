@@ -15,6 +15,7 @@ from thenable.rpc._agent import Agent
 from thenable.rpc._options import (
     RpcBackendOptions,
     WorkerInfo,
+    check_worker_name,
     resolve_auth_key,
     resolve_rank_and_world_size,
 )
@@ -30,8 +31,11 @@ from thenable.rpc._rref import RRef, agent_timeout, remote_call
 
 __all__ = (
     "BackendType",
+    "_set_rpc_timeout",
+    "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
+    "is_available",
     "remote",
     "rpc_async",
     "rpc_sync",
@@ -68,17 +72,19 @@ def init_rpc(
 
     Raises:
         RuntimeError: RPC is already running in this process.
-        ValueError: a bad name, rank, world size or master address.
-        TimeoutError: the other workers did not all join within ``rpc_timeout``; the message
-            names the missing ranks.
+        WorkerNameError: ``name`` is not valid (see ``check_worker_name``), or another worker
+            has it (every worker's ``init_rpc`` fails then).
+        RendezvousError: another worker has this rank, or another world size.
+        ValueError: a bad rank, world size or master address.
+        RpcTimeoutError: the other workers did not all join within ``rpc_timeout``; the
+            message names the missing ranks.
     """
     if _context.current_agent() is not None:
         raise RuntimeError(
             "init_rpc() was already called in this process; call shutdown() before starting "
             "RPC again"
         )
-    if not isinstance(name, str) or not name or len(name) > 128:
-        raise ValueError(f"name must be a non-empty string of at most 128 characters: {name!r}")
+    check_worker_name(name)
     if backend is not None and not isinstance(backend, BackendType):
         raise TypeError(f"backend must be a BackendType or None, got {backend!r}")
     options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
@@ -207,6 +213,38 @@ def remote(
     """
     agent, rank, call_args, call_kwargs = _resolve_call(to, func, args, kwargs)
     return remote_call(agent, rank, func, call_args, call_kwargs, timeout)
+
+
+def is_available() -> bool:
+    """Whether RPC can be used in this process: always, with thenable (torch's may be built
+    without it)."""
+    return True
+
+
+def get_rpc_timeout() -> float:
+    """The default timeout of calls on this worker, in seconds (0: no limit).
+
+    Raises:
+        RuntimeError: RPC is not initialized.
+    """
+    return _context.require_agent().rpc_timeout
+
+
+def _set_rpc_timeout(rpc_timeout: float) -> None:
+    """Change the default timeout of calls made from now on by this worker (0: no limit).
+
+    Calls already made keep theirs.  (torch's name: private, but used by torch programs.)
+
+    Raises:
+        RuntimeError: RPC is not initialized.
+        TypeError, ValueError: ``rpc_timeout`` is not a number of seconds >= 0.
+    """
+    agent = _context.require_agent()
+    if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float)):
+        raise TypeError(f"rpc_timeout must be seconds, got {rpc_timeout!r}")
+    if not rpc_timeout >= 0:  # (NaN too)
+        raise ValueError(f"rpc_timeout must be >= 0 seconds (0: no limit), got {rpc_timeout}")
+    agent.rpc_timeout = float(rpc_timeout)
 
 
 def get_worker_info(worker_name: str | None = None) -> WorkerInfo:

@@ -55,10 +55,13 @@ class ForkRecord:
         holds: RRefs to keep alive until the reply arrives.
         undo: what to run if the message is never sent.
         after_send: what to run once it has been sent.
+        reductions: how each RRef (by id) was pickled, so that pickling the message again
+            (``dumps`` may make a second pass) makes no second fork.
     """
 
     def __init__(self, is_request: bool) -> None:
         self.is_request = is_request
+        self.reductions: dict[int, tuple[Any, ...]] = {}
         self.holds: list[Any] = []
         self.undo: list[Callable[[], None]] = []
         self.after_send: list[Callable[[], None]] = []

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
+
+from thenable.rpc._errors import WorkerNameError
 
 __all__ = (
     "DEFAULT_BUSY_POLL_US",
@@ -13,6 +16,7 @@ __all__ = (
     "DEFAULT_RPC_TIMEOUT_SEC",
     "RpcBackendOptions",
     "WorkerInfo",
+    "check_worker_name",
     "resolve_auth_key",
     "resolve_rank_and_world_size",
 )
@@ -31,11 +35,65 @@ _LAUNCHER_ENV = (
 )
 
 
-class WorkerInfo(NamedTuple):
-    """A worker's name and id (its rank), as returned by ``get_worker_info``."""
+_WORKER_NAME = re.compile(r"[A-Za-z0-9_:-]{1,127}")
 
-    name: str
-    id: int
+
+def check_worker_name(name: object) -> None:
+    """Accept the worker names torch accepts: 1 to 127 letters, digits, ``_``, ``-``, ``:``.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        WorkerNameError: it is empty, too long or has another character.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a worker name must be a str, got {type(name).__qualname__}")
+    if _WORKER_NAME.fullmatch(name) is None:
+        raise WorkerNameError(
+            f"invalid worker name {name!r}: it must be 1 to 127 characters, each a letter, a "
+            "digit, '_', '-' or ':' (as torch requires)"
+        )
+
+
+class WorkerInfo:
+    """A worker's name and id (its rank), as ``get_worker_info`` returns it.
+
+    As torch's: read-only ``name`` and ``id``, equal when both are, hashed by ``id``, not
+    ordered, and usable as the destination of a call.
+    """
+
+    __slots__ = ("_id", "_name")
+
+    def __init__(self, name: str, id: int) -> None:  # (torch's parameter names)
+        if not isinstance(name, str):
+            raise TypeError(f"WorkerInfo name must be a str, got {type(name).__qualname__}")
+        if isinstance(id, bool) or not isinstance(id, int):
+            raise TypeError(f"WorkerInfo id must be an int, got {type(id).__qualname__}")
+        self._name = name
+        self._id = id
+
+    @property
+    def name(self) -> str:
+        """The worker's name."""
+        return self._name
+
+    @property
+    def id(self) -> int:
+        """The worker's rank."""
+        return self._id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WorkerInfo):
+            return NotImplemented
+        return self._id == other._id and self._name == other._name
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __repr__(self) -> str:
+        return f"WorkerInfo(id={self._id}, name={self._name})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WorkerInfo, (self._name, self._id))
 
 
 @dataclasses.dataclass

@@ -27,6 +27,12 @@ from urllib.parse import urlsplit
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context
 from thenable.rpc._agent import Agent, WorkerAddress
+from thenable.rpc._errors import (
+    RendezvousError,
+    RpcConnectionError,
+    RpcTimeoutError,
+    WorkerNameError,
+)
 from thenable.rpc.functions import async_execution
 
 __all__ = ("Coordinator", "join", "listen_host", "master_address", "shutdown_barrier")
@@ -109,33 +115,34 @@ class Coordinator:
                 self._joined[worker.rank] = worker
                 complete = len(self._joined) == agent.world_size
                 table = sorted(self._joined.values(), key=lambda w: w.rank)
-            if self._table.done():
-                error = error or RuntimeError("the group is already complete")
         if error is not None:
+            # A group that cannot be made: every worker waiting fails now with this error (as
+            # in torch), rank 0 included, rather than waiting for a worker that never comes.
+            self._table._complete(None, error, strict=False)
             answer.set_exception(error)
             return answer
         self._table.add_done_callback(functools.partial(copy_outcome, target=answer))
         if complete:
-            self._table.set_result(table)
+            self._table._complete(table, None, strict=False)
         return answer
 
     def _check(self, worker: WorkerAddress, world_size: int) -> Exception | None:
         agent = self._agent
         if world_size != agent.world_size:
-            return ValueError(
+            return RendezvousError(
                 f"worker {worker.name!r} (rank {worker.rank}) was started with world_size="
                 f"{world_size}, but rank 0 has world_size={agent.world_size}"
             )
         if not 0 <= worker.rank < agent.world_size:
-            return ValueError(f"rank {worker.rank} is outside 0..{agent.world_size - 1}")
+            return RendezvousError(f"rank {worker.rank} is outside 0..{agent.world_size - 1}")
         if worker.rank in self._joined:
-            return ValueError(
+            return RendezvousError(
                 f"rank {worker.rank} joined twice (as {self._joined[worker.rank].name!r} and "
                 f"{worker.name!r}); every worker needs its own rank"
             )
         for other in self._joined.values():
             if other.name == worker.name:
-                return ValueError(
+                return WorkerNameError(
                     f"worker name {worker.name!r} is used by ranks {other.rank} and "
                     f"{worker.rank}; names must be unique"
                 )
@@ -149,7 +156,7 @@ class Coordinator:
         except TimeoutError:
             with self._lock:
                 missing = sorted(set(range(self._agent.world_size)) - set(self._joined))
-            error = TimeoutError(
+            error = RpcTimeoutError(
                 f"init_rpc: rank(s) {missing} did not join within "
                 f"{self._agent.options.rpc_timeout} s (rank 0 at "
                 f"{self._agent.listener.address[0]}:{self._agent.listener.address[1]})"
@@ -194,7 +201,7 @@ class Coordinator:
 
 
 def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
-    error = ConnectionError(
+    error = RpcConnectionError(
         f"graceful shutdown cannot complete: rank(s) {sorted(lost)} lost their connection to "
         "rank 0 (died?); the workers were stopped without waiting for them"
     )
@@ -237,7 +244,7 @@ def join(agent: Agent, master: tuple[str, int], deadline: float | None) -> list[
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            raise TimeoutError(
+            raise RpcTimeoutError(
                 f"init_rpc: could not reach rank 0 at {master[0]}:{master[1]} within "
                 f"{agent.options.rpc_timeout} s; is rank 0 running with the same "
                 "MASTER_ADDR/MASTER_PORT?"

@@ -23,6 +23,22 @@ The owner keeps a value while at least one fork is registered, and drops it when
 - Shutdown flushes the queue before the barrier (with calls that each owner answers once the
   releases are applied), then drops every table: nothing outlives RPC.
 A worker that dies keeps its forks registered; their values live until the owner shuts down.
+
+The invariant.  Call a fork *live* from the moment it is made until the owner has applied its
+release, and *registered* while the owner's entry lists it.  Every live fork that is not
+registered has a *guardian*: a live fork, held by the worker that made the new one, that is
+not released before the owner has registered the new one (case 3: the ``_add_fork`` answer;
+case 2: the reply to the request, or, if the request timed out, its late reply or the loss of
+the connection; case 1 needs none: the owner registers at once).  Following guardians ends at a
+registered fork or at the creator's fork of a ``remote()`` whose creation request the owner
+has not run yet (its entry, if requests overtook it, is marked not ``created`` and is never
+dropped).  So while any fork is live, the owner's entry has a registered fork or is awaiting
+its creation: the value is never dropped under a live reference.  The orders that this must
+survive (a release before its registration, a fork forwarded before its own registration, a
+request using the RRef before ``remote()``'s creation ran or while it runs, a message pickled
+twice) each have a test in ``tests/rpc/test_rpc_rref.py``.
+Owner-side reads of a value whose ``remote()`` creation is still running (``local_value()``,
+``to_here()`` and the proxies on the owner) wait for it.
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context
+from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc.functions import async_execution, is_async_execution, reply_may_wait
 
@@ -368,16 +385,36 @@ class RRef(Generic[T]):
     def local_value(self) -> T:
         """The value, on its owner.
 
+        If ``remote()`` is still creating the value (a call using the RRef can overtake the
+        creation request), this waits for it, as torch does, for at most the RPC timeout.
+
         Raises:
-            RuntimeError: this worker is not the owner (use ``to_here()``), or the value is
-                still being created by ``remote()``.
+            RuntimeError: this worker is not the owner (use ``to_here()``).
+            TimeoutError: the value was still being created after the RPC timeout.
+            Exception: whatever creating the value raised.
         """
         if not self.is_owner():
             raise RuntimeError(
                 f"local_value() called on a UserRRef: the value lives on {self.owner_name()!r}; "
                 "use to_here() to fetch a copy"
             )
-        return self._agent.rrefs.value_future(self._id).value()  # type: ignore[no-any-return]
+        return self._owner_value(-1.0)
+
+    def _owner_value(self, timeout: float) -> T:
+        """On the owner: the value, once ``remote()`` has created it (``timeout`` as in
+        ``to_here``)."""
+        value = self._agent.rrefs.value_future(self._id)
+        if value.done():
+            return value.value()  # type: ignore[no-any-return]
+        seconds = agent_timeout(self._agent, timeout)
+        try:
+            return value.wait(seconds if seconds > 0 else None)  # type: ignore[no-any-return]
+        except TimeoutError:
+            if value.done():
+                raise  # the creation itself failed with a TimeoutError
+            raise RpcTimeoutError(
+                f"the value of {self!r} was still being created after {seconds} s"
+            ) from None
 
     def to_here(self, timeout: float = -1.0) -> T:
         """A copy of the value on this worker (the value itself on the owner).
@@ -393,9 +430,7 @@ class RRef(Generic[T]):
         """
         agent = self._agent
         if self.is_owner():
-            value = agent.rrefs.value_future(self._id)
-            seconds = agent_timeout(agent, timeout)
-            return value.wait(seconds if seconds > 0 else None)  # type: ignore[no-any-return]
+            return self._owner_value(timeout)
         # Only the id travels: this RRef (its fork) stays alive while we wait, so the owner
         # keeps the value without registering a fork for the request.
         seconds = agent_timeout(agent, timeout)
@@ -433,21 +468,28 @@ class RRef(Generic[T]):
     def __reduce__(self) -> tuple[Any, ...]:
         context = _context.sending_to()
         if context is None:
-            raise TypeError(
-                "an RRef can only be pickled by thenable.rpc while sending it to another worker"
+            raise SerializationError(
+                "an RRef can only be pickled by thenable.rpc while sending it to another worker "
+                "(pass it as an argument or return value of an RPC call)"
             )
         agent, destination, record = context
+        reduced = record.reductions.get(id(self))  # pickled already, in a first pass
+        if reduced is not None:
+            return reduced
         if destination == self._owner and agent.rank != self._owner and record.is_request:
-            # Case 2: the owner registers a local fork; we hold ours until the reply.
+            # Case 2: the owner registers a local fork; we hold ours until it has read this.
             record.holds.append(self)
-            return (_rebuild_rref, (self._owner, self._id, None))
-        fork = _new_id(agent)
-        if agent.rank == self._owner:  # case 1
-            agent.rrefs.add_fork(self._id, fork)
-            record.undo.append(lambda: agent.rrefs.release(self._id, fork))
-        else:  # case 3
-            record.after_send.append(lambda: _announce_fork(agent, self, fork))
-        return (_rebuild_rref, (self._owner, self._id, fork))
+            reduced = (_rebuild_rref, (self._owner, self._id, None))
+        else:
+            fork = _new_id(agent)
+            if agent.rank == self._owner:  # case 1
+                agent.rrefs.add_fork(self._id, fork)
+                record.undo.append(lambda: agent.rrefs.release(self._id, fork))
+            else:  # case 3
+                record.after_send.append(lambda: _announce_fork(agent, self, fork))
+            reduced = (_rebuild_rref, (self._owner, self._id, fork))
+        record.reductions[id(self)] = reduced
+        return reduced
 
 
 def _get_within(wakeups: queue.SimpleQueue[Any], seconds: float) -> Any:
@@ -473,7 +515,7 @@ def agent_timeout(agent: Agent, timeout: float) -> float:
     if timeout < 0:
         if timeout != -1:
             raise ValueError(f"timeout must be -1 (default), 0 (none) or positive, got {timeout}")
-        return float(agent.options.rpc_timeout)
+        return agent.rpc_timeout
     return float(timeout)
 
 

@@ -38,11 +38,11 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
 
+from thenable.rpc._errors import RemoteError, SerializationError
+
 __all__ = [
     "ATOMS",
-    "RemoteError",
     "RemoteTraceback",
-    "SerializationError",
     "dumps",
     "dumps_exception",
     "loads",
@@ -55,10 +55,6 @@ _PICKLE_PROTOCOL: Final = 5
 
 _Buffer: TypeAlias = bytes | bytearray | memoryview
 _IN_BAND_BYTES: Final = 4096  # memory blocks up to this size travel inside the header
-
-
-class SerializationError(TypeError):
-    """An object cannot be pickled for sending; the message says which and what to do."""
 
 
 class _UnsendableError(TypeError):
@@ -74,29 +70,6 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.traceback_text
-
-
-class RemoteError(Exception):
-    """A remote exception that could not be sent as itself (it failed to pickle/unpickle).
-
-    ``type_name`` is the original ``module.qualname``, ``message`` its str(), ``reason`` why
-    it could not be transferred, and ``traceback_text`` the remote traceback.
-    """
-
-    def __init__(
-        self, type_name: str, message: str, traceback_text: str = "", reason: str = ""
-    ) -> None:
-        super().__init__(type_name, message, traceback_text, reason)
-        self.type_name = type_name
-        self.message = message
-        self.traceback_text = traceback_text
-        self.reason = reason
-
-    def __str__(self) -> str:
-        text = f"{self.type_name}: {self.message}" if self.message else self.type_name
-        if self.reason:
-            text += f" (the exception itself could not be transferred: {self.reason})"
-        return text
 
 
 # ---------------------------------------------------------------------------------------
