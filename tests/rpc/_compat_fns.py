@@ -55,7 +55,7 @@ def check_failures_catchable_as_torch() -> dict[str, Any]:
     """Each failure of the issue's list, as the caller sees it."""
     rref = rpc.remote("worker1", len, args=([1, 2],))
     only_here = _module_only_here()
-    out = {
+    out: dict[str, Any] = {
         "unpicklable-argument": failure_of(rpc.rpc_sync, "worker1", len, args=(threading.Lock(),)),
         "unpicklable-result": failure_of(rpc.rpc_sync, "worker1", threading.Lock),
         "future-result": failure_of(rpc.rpc_sync, "worker1", return_a_future),
