@@ -10,6 +10,7 @@ from conftest import GroupFactory
 
 from thenable import rpc
 from thenable.rpc._options import resolve_rank_and_world_size
+from thenable.rpc._rendezvous import first_host, master_address
 
 INIT_TIMEOUT_S = 3.0
 
@@ -181,3 +182,34 @@ def test_bad_backend_options_are_refused_naming_the_option(
         rpc.RpcBackendOptions(**options)  # type: ignore[arg-type]
     assert type(info.value) is error
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [
+        ("node[007-009,012],login1", "node007"),
+        ("rack[1-2]-gpu[03-04],x", "rack1-gpu03"),
+        ("a01,b02", "a01"),
+        ("solo", "solo"),
+        ("n[5]", "n5"),
+    ],
+)
+def test_the_first_host_of_a_slurm_node_list(nodelist: str, first: str) -> None:
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("nodelist", ["", "x[1-3", "x]1[", "a[[1]]"])
+def test_a_malformed_slurm_node_list_is_refused(nodelist: str) -> None:
+    with pytest.raises(ValueError, match="cannot read the Slurm node list"):
+        first_host(nodelist)
+
+
+def test_slurm_gives_the_master_when_master_addr_and_port_are_unset() -> None:
+    env = {"SLURM_PROCID": "2", "SLURM_JOB_ID": "4812345", "SLURM_JOB_NODELIST": "localhost"}
+    assert master_address("env://", env) == ("127.0.0.1", 15000 + 2345)
+    # MASTER_ADDR / MASTER_PORT win; a job id that is not a number gives no port.
+    assert master_address("env://", {**env, "MASTER_PORT": "5000"}) == ("127.0.0.1", 5000)
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
+        master_address("env://", {**env, "SLURM_JOB_ID": "abc"})
+    with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
+        master_address("env://", {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost"})

@@ -28,6 +28,7 @@ from thenable.rpc._rendezvous import (
     shutdown_barrier,
 )
 from thenable.rpc._rref import RRef, agent_timeout, remote_call
+from thenable.rpc._store import store_rendezvous
 
 __all__ = (
     "BackendType",
@@ -106,17 +107,23 @@ def init_rpc(
             host,
         )
     deadline = time.monotonic() + options.rpc_timeout if options.rpc_timeout else None
+    # Under torchrun, or beside a process group, a c10d store serves the master port.
+    store = store_rendezvous(options.init_method, os.environ, master, rank)
+    at_master = rank == 0 and store is None
     try:
-        agent = Agent(name, rank, world_size, options, key, master if rank == 0 else (host, 0))
+        agent = Agent(name, rank, world_size, options, key, master if at_master else (host, 0))
     except OSError as exc:
-        where = f"{master[0]}:{master[1]}" if rank == 0 else host
+        where = f"{master[0]}:{master[1]}" if at_master else host
         raise OSError(exc.errno, f"RPC worker {name!r} cannot listen on {where}: {exc}") from exc
     if rank == 0:
-        agent.coordinator = Coordinator(agent)
+        agent.coordinator = Coordinator(agent)  # (also the shutdown barrier's)
     _context.set_agent(agent)
     try:
         agent.start()
-        agent.set_workers(join(agent, master, deadline))
+        if store is not None:
+            agent.set_workers(store.join(agent.address(), world_size, deadline))
+        else:
+            agent.set_workers(join(agent, master, deadline))
     except BaseException:
         agent.stop()
         _context.set_agent(None)

@@ -35,7 +35,14 @@ from thenable.rpc._errors import (
 )
 from thenable.rpc.functions import async_execution
 
-__all__ = ("Coordinator", "join", "listen_host", "master_address", "shutdown_barrier")
+__all__ = (
+    "Coordinator",
+    "first_host",
+    "join",
+    "listen_host",
+    "master_address",
+    "shutdown_barrier",
+)
 
 _LOGGER = logging.getLogger("thenable.rpc.rendezvous")
 
@@ -47,13 +54,13 @@ def master_address(init_method: str, env: Mapping[str, str]) -> tuple[str, int]:
         ValueError: the address is missing or malformed; the message says what to set.
     """
     if init_method.startswith("env://"):
-        host = env.get("MASTER_ADDR")
-        port = env.get("MASTER_PORT")
+        host = env.get("MASTER_ADDR") or _slurm_master_host(env)
+        port = env.get("MASTER_PORT") or _slurm_master_port(env)
         if not host or not port:
             raise ValueError(
                 "init_method 'env://' needs the environment variables MASTER_ADDR and "
-                "MASTER_PORT (rank 0's address); set them, run under `thenable launch` or "
-                "torchrun, or pass init_method='tcp://host:port'"
+                "MASTER_PORT (rank 0's address); set them, run under `thenable launch`, "
+                "torchrun or Slurm's srun, or pass init_method='tcp://host:port'"
             )
         source = f"MASTER_PORT={port!r}"
     else:
@@ -69,6 +76,49 @@ def master_address(init_method: str, env: Mapping[str, str]) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise ValueError(f"the master port must be in 1..65535: {source}")
     return _resolve(host), number
+
+
+def _slurm_master_host(env: Mapping[str, str]) -> str | None:
+    """Under Slurm, the first host of the job's node list (rank 0 runs there)."""
+    if "SLURM_PROCID" not in env:
+        return None
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    return first_host(nodes) if nodes else None
+
+
+def _slurm_master_port(env: Mapping[str, str]) -> str | None:
+    """Under Slurm, a port every task of the job derives alike: 15000 plus the last four
+    digits of ``SLURM_JOB_ID`` (the rule of PyTorch Lightning's Slurm environment)."""
+    job = env.get("SLURM_JOB_ID", "")
+    if "SLURM_PROCID" not in env or not job.isdigit():
+        return None
+    return str(15000 + int(job[-4:]))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list in its compressed form, without ``scontrol``:
+    ``node[007-009,012],login1`` -> ``node007``; ``rack[1-2]-gpu[03-04]`` -> ``rack1-gpu03``.
+
+    Raises:
+        ValueError: the list is empty or its brackets do not match.
+    """
+    first, depth = [], 0
+    for char in nodelist.strip():
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth < 0 or depth > 1:
+            break
+        first.append(char)
+    host = "".join(first)
+    if depth != 0 or not host:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    # Each [ranges] stands for its first value, zero padding kept.
+    parts = host.replace("]", "[").split("[")
+    return "".join(
+        part if index % 2 == 0 else part.split(",")[0].split("-")[0]
+        for index, part in enumerate(parts)
+    )
 
 
 def _resolve(host: str) -> str:
