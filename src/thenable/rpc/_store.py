@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import itertools
 import json
 import sys
@@ -75,12 +76,12 @@ class StoreRendezvous:
             WorkerNameError: two workers have the same name (every worker raises it).
             RendezvousError: a rank was published twice, or with another world size.
         """
-        from torch.distributed import TCPStore  # torch is there: see store_rendezvous
+        distributed: Any = importlib.import_module("torch.distributed")  # (see above)
 
         seconds = 0.0 if deadline is None else max(0.001, deadline - time.monotonic())
         timeout = datetime.timedelta(seconds=seconds or 365 * 24 * 3600)
         host, port = self.master
-        store: Any = TCPStore(
+        store: Any = distributed.TCPStore(
             host, port, is_master=self._server, timeout=timeout, multi_tenant=True
         )
         mine = json.dumps({"worker": dataclasses.asdict(me), "world_size": world_size})
