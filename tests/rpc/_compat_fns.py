@@ -6,6 +6,7 @@ default timeout).  ``check_*`` commands run on worker0 and return what they saw.
 from __future__ import annotations
 
 import importlib
+import itertools
 import pickle
 import sys
 import tempfile
@@ -131,4 +132,62 @@ def gather_misuse() -> dict[str, Any]:
     return {
         "not-in-names": failure_of(rpc.api._all_gather, 1, ["worker1", "worker2"]),
         "unknown-name": failure_of(rpc.api._all_gather, 1, ["worker0", "nobody"]),
+    }
+
+
+# -- received tensors own their memory -----------------------------------------------------------
+
+_KEPT: list[tuple[Any, float]] = []  # (received tensor, the value it arrived with)
+
+# Float counts: in the header (16 B), 4 KiB, shared memory or the socket (400 KB), and, over
+# TCP, memory recycled from earlier payloads (40 MB).
+TENSOR_SIZES = (4, 1024, 100_000, 10_000_000)
+
+
+def keep_tensor(tensor: Any, value: float) -> Any:
+    """Keep what arrived; reply with a tensor of its own."""
+    import torch
+
+    _KEPT.append((tensor, value))
+    return torch.full_like(tensor, value + 0.5)
+
+
+@rpc.functions.async_execution
+def keep_tensor_async(tensor: Any, value: float) -> thenable.Future[Any]:
+    future: thenable.Future[Any] = thenable.Future()
+    future.set_result(keep_tensor(tensor, value))
+    return future
+
+
+def kept_tensors_report() -> dict[str, int]:
+    """How many kept tensors changed since they arrived, and how many share memory."""
+    changed = sum(1 for tensor, value in _KEPT if not bool((tensor == value).all()))
+    spans = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t, _ in _KEPT)
+    overlapping = sum(1 for (a, n), (b, _) in itertools.pairwise(spans) if b < a + n)
+    report = {"kept": len(_KEPT), "changed": changed, "overlapping": overlapping}
+    _KEPT.clear()
+    return report
+
+
+def check_received_tensors_own_their_memory() -> dict[str, Any]:
+    """worker0 sends tensors of every size (to worker1, plain and @async_execution, and to
+    itself) and writes each of its own at once after the call; the receivers keep them all,
+    and worker0 keeps and writes the replies.  No kept tensor may change, or share memory."""
+    import torch
+
+    value = 0.0
+    for _ in range(2):
+        for size in TENSOR_SIZES:
+            for to, fn in (("worker1", keep_tensor), ("worker1", keep_tensor_async)):
+                for target in (to, "worker0"):
+                    value += 1
+                    sent = torch.full((size,), value)
+                    reply = rpc.rpc_async(target, fn, args=(sent, value))
+                    sent.add_(1000.0)  # the sender writes its tensor right away
+                    received = reply.wait(WAIT_S)
+                    _KEPT.append((received, value + 0.5))
+                    torch.empty(size).fill_(-1.0)  # fresh memory, written, then freed
+    return {
+        "worker0": kept_tensors_report(),
+        "worker1": rpc.rpc_sync("worker1", kept_tensors_report),
     }
