@@ -32,7 +32,7 @@ from typing import Any
 
 from thenable._future import Future
 from thenable._pool import InteropPool
-from thenable.rpc import _context, _recycled
+from thenable.rpc import _context, _extensions, _recycled
 from thenable.rpc._errors import (
     AsyncExecutionError,
     RpcConnectionError,
@@ -288,8 +288,15 @@ class Agent:
             raise RuntimeError(
                 "RPC is shut down on this worker; call init_rpc() again to make new calls"
             )
-        with _context.sending(self, to_rank, is_request=True) as message:
-            header, buffers = dumps((fn, args, kwargs))
+        extension = _extensions.installed
+        extra = None if extension is None else extension.request_extra(self, to_rank)
+        if extra is None:
+            with _context.sending(self, to_rank, is_request=True) as message:
+                header, buffers = dumps((fn, args, kwargs))
+        else:
+            with _context.sending(self, to_rank, is_request=True, note_grads=True) as message:
+                header, buffers = dumps((fn, args, kwargs, extra))
+            extension.sent(self, to_rank, extra, message.grad_tensors())  # type: ignore[union-attr]
         record = message.record
         future: Future[Any] = Future()
         request_id = next(self._ids)
@@ -528,13 +535,18 @@ class Agent:
         if pending.timeout > 0:
             self._deadlines.cancel(message.request_id, pending.timeout)
         try:
-            with _context.receiving(self, pending.peer_rank):
+            with _context.receiving(self, pending.peer_rank) as received:
                 if message.kind is MessageKind.RESPONSE:
                     value = loads(message.header, message.buffers)
                     exception = None
                 else:
                     value = None
                     exception = loads_exception(message.header, message.buffers)
+            if type(value) is _extensions.Reply:
+                extension = _extensions.installed
+                if extension is not None:  # (installed by unpickling the extra)
+                    extension.received(self, pending.peer_rank, value.extra, received.grad_tensors)
+                value = value.value
         except Exception as exc:
             value = None
             exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
@@ -562,43 +574,80 @@ class Agent:
         """Run one incoming request on this (pool) thread and send its reply."""
         request_id = message.request_id
         try:
-            with _context.receiving(self, link.peer_rank):
-                fn, args, kwargs = loads(message.header, message.buffers)
+            with _context.receiving(self, link.peer_rank) as received:
+                call = loads(message.header, message.buffers)
+            fn, args, kwargs = call[:3]
+            extra = call[3] if len(call) == 4 else None
+            extension = _extensions.installed
+            if extra is not None and extension is not None:
+                extension.received(self, link.peer_rank, extra, received.grad_tensors)
         except Exception as exc:
             self._send_error(link, request_id, self._load_error("the call", exc))
             return
         try:
-            del message
-            result = fn(*args, **kwargs)
+            del message, call, received
+            if extra is None or extension is None:
+                result = fn(*args, **kwargs)
+            else:
+                with extension.serving(self, extra):
+                    result = fn(*args, **kwargs)
             if is_async_execution(fn):
                 if not isinstance(result, Future):
                     raise AsyncExecutionError(
                         f"{_qualname(fn)} is marked @async_execution but returned "
                         f"{type(result).__qualname__}, not a thenable Future"
                     )
-                result.add_done_callback(lambda done: self._reply_with(link, request_id, done))
+                result.add_done_callback(
+                    lambda done: self._reply_with(link, request_id, done, extra)
+                )
                 return
         except BaseException as exc:
             self._send_error(link, request_id, exc)
             return
-        self._send_result(link, request_id, result, defer=may_reply_later(fn))
+        self._send_result(link, request_id, result, defer=may_reply_later(fn), extra=extra)
 
-    def _reply_with(self, link: Any, request_id: int, done: Future[Any]) -> None:
+    def _reply_with(
+        self, link: Any, request_id: int, done: Future[Any], extra: object = None
+    ) -> None:
         if done._exception is not None:
             self._send_error(link, request_id, done._exception)
         else:
-            self._send_result(link, request_id, done._result)
+            self._send_result(link, request_id, done._result, extra=extra)
 
-    def _send_result(self, link: Any, request_id: int, result: Any, *, defer: bool = False) -> None:
-        if type(result) in ATOMS:  # None, a number, a string...: no RRef inside to keep track of
-            self._send_reply(link, MessageKind.RESPONSE, request_id, *dumps(result), defer)
-            return
-        try:
-            with _context.sending(self, link.peer_rank, is_request=False) as message:
-                header, buffers = dumps(result)
-        except Exception as exc:
-            self._send_error(link, request_id, exc)
-            return
+    def _send_result(
+        self,
+        link: Any,
+        request_id: int,
+        result: Any,
+        *,
+        defer: bool = False,
+        extra: object = None,
+    ) -> None:
+        """Reply ``result``; ``extra``: the request's extension data (see ``_extensions``)."""
+        extension = _extensions.installed
+        reply_extra = None
+        if extra is not None and extension is not None and type(result) not in ATOMS:
+            reply_extra = extension.reply_extra(self, link.peer_rank, extra)
+        if reply_extra is None:
+            if type(result) in ATOMS:  # None, a number, a string...: no RRef inside
+                self._send_reply(link, MessageKind.RESPONSE, request_id, *dumps(result), defer)
+                return
+            try:
+                with _context.sending(self, link.peer_rank, is_request=False) as message:
+                    header, buffers = dumps(result)
+            except Exception as exc:
+                self._send_error(link, request_id, exc)
+                return
+        else:
+            try:
+                with _context.sending(
+                    self, link.peer_rank, is_request=False, note_grads=True
+                ) as message:
+                    header, buffers = dumps(_extensions.Reply(result, reply_extra))
+            except Exception as exc:
+                self._send_error(link, request_id, exc)
+                return
+            extension.sent(self, link.peer_rank, reply_extra, message.grad_tensors())  # type: ignore[union-attr]
         record = message.record
         if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers, defer):
             record.sent()

@@ -85,6 +85,7 @@ class _Local(threading.local):
         self.source: int | None = None
         self.agent: Any = None
         self.sending: sending | None = None
+        self.receiving: receiving | None = None
 
 
 _LOCAL = _Local()
@@ -99,12 +100,15 @@ class sending:  # lower case: used like a function, `with sending(...) as messag
     generator context manager: this runs for every message.)
     """
 
-    __slots__ = ("_is_request", "_saved", "record")
+    __slots__ = ("_is_request", "_saved", "grads", "record")
 
-    def __init__(self, agent: Agent, destination: int, *, is_request: bool) -> None:
+    def __init__(
+        self, agent: Agent, destination: int, *, is_request: bool, note_grads: bool = False
+    ) -> None:
         self._saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.sending)
         self._is_request = is_request
         self.record = NO_FORKS
+        self.grads: dict[int, Any] | None = {} if note_grads else None
         _LOCAL.agent, _LOCAL.destination, _LOCAL.sending = agent, destination, self
 
     def __enter__(self) -> sending:
@@ -121,21 +125,42 @@ class sending:  # lower case: used like a function, `with sending(...) as messag
             self.record = ForkRecord(self._is_request)
         return self.record
 
+    def grad_tensors(self) -> list[Any]:
+        """The tensors requiring grad that the message holds, in pickling order (only when
+        made with ``note_grads``)."""
+        return list(self.grads.values()) if self.grads else []
+
 
 class receiving:  # lower case: used like a function
-    """Unpickling a message from ``source``."""
+    """Unpickling a message from ``source``; ``grad_tensors`` are the rebuilt tensors that
+    require grad, in the order they were pickled."""
 
-    __slots__ = ("_saved",)
+    __slots__ = ("_saved", "grad_tensors")
 
     def __init__(self, agent: Agent, source: int) -> None:
-        self._saved = (_LOCAL.agent, _LOCAL.source)
-        _LOCAL.agent, _LOCAL.source = agent, source
+        self._saved = (_LOCAL.agent, _LOCAL.source, _LOCAL.receiving)
+        self.grad_tensors: list[Any] = []
+        _LOCAL.agent, _LOCAL.source, _LOCAL.receiving = agent, source, self
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> receiving:
+        return self
 
     def __exit__(self, *_: object) -> None:
-        _LOCAL.agent, _LOCAL.source = self._saved
+        _LOCAL.agent, _LOCAL.source, _LOCAL.receiving = self._saved
+
+
+def note_sent_grad(tensor: Any) -> None:
+    """A tensor requiring grad is being pickled (see ``sending(note_grads=True)``)."""
+    message = _LOCAL.sending
+    if message is not None and message.grads is not None:
+        message.grads.setdefault(id(tensor), tensor)  # dumps may pickle a message twice
+
+
+def note_received_grad(tensor: Any) -> None:
+    """A tensor requiring grad has been rebuilt from a message."""
+    message = _LOCAL.receiving
+    if message is not None:
+        message.grad_tensors.append(tensor)
 
 
 def sending_to() -> tuple[Agent, int, ForkRecord] | None:

@@ -53,7 +53,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from thenable._future import Future, copy_outcome
-from thenable.rpc import _context
+from thenable.rpc import _context, _extensions
 from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc.functions import async_execution, is_async_execution, reply_may_wait
@@ -448,6 +448,34 @@ class RRef(Generic[T]):
         created = self._created
         if created is not None and created.done() and created._exception is not None:
             created.wait()
+
+    # -- autograd -----------------------------------------------------------------------------
+
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Backward from this RRef's value, a scalar tensor.
+
+        With a context id, the distributed pass of that context (``thenable.autograd``),
+        started on the owner; gradients go to the context.  Without one (-1), a local
+        ``torch.autograd.backward`` on the owner, into ``.grad``.
+        """
+        if dist_autograd_ctx_id == -1:
+            if not self.is_owner():
+                raise RuntimeError(
+                    "RRef.backward() without a context id runs a local backward pass, which only "
+                    f"the owner ({self.owner_name()!r}) can do; pass the distributed autograd "
+                    "context id to run it from here"
+                )
+            import torch
+
+            torch.autograd.backward(self.local_value(), retain_graph=retain_graph)  # type: ignore[arg-type]
+            return
+        extension = _extensions.installed
+        if extension is None:
+            raise RuntimeError(
+                "RRef.backward(context_id) runs distributed autograd: import thenable.autograd "
+                "and make the forward pass inside `with dist_autograd.context()`"
+            )
+        extension.rref_backward(self._agent, self, dist_autograd_ctx_id, retain_graph)
 
     # -- proxies ------------------------------------------------------------------------------
 

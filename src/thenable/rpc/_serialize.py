@@ -38,6 +38,7 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
 
+from thenable.rpc import _context
 from thenable.rpc._errors import RemoteError, SerializationError
 
 __all__ = [
@@ -224,6 +225,7 @@ def _rebuild_tensor(
     tensor.set_(storage, storage_offset, size, stride)
     if requires_grad:
         tensor.requires_grad_(True)
+        _context.note_received_grad(tensor)
     return tensor
 
 
@@ -249,6 +251,7 @@ def _rebuild_small_tensor(
             tensor = tensor.view(size)
         if requires_grad:
             tensor.requires_grad_(True)
+            _context.note_received_grad(tensor)
         return tensor
     return _rebuild_tensor(
         _rebuild_storage(data), dtype_name, size, stride, storage_offset, requires_grad
@@ -503,6 +506,7 @@ class _Pickler(pickle.Pickler):
             return _own_reduction(tensor)
         requires_grad = bool(tensor.requires_grad)
         if requires_grad:
+            _context.note_sent_grad(tensor)  # distributed autograd links it to the receiver
             tensor = tensor.detach()
         dtype = tensor.dtype
         if dtype.is_complex and (tensor.is_conj() or tensor.is_neg()):

@@ -1,0 +1,199 @@
+"""The backward pass across workers (torch's FAST mode).
+
+On each worker the local engine runs once from the tensors whose gradients arrived (the roots,
+or the tensors this worker sent in a message whose receiver sends their gradients back) down to
+the leaves they reach.  Gradients of leaves that came from another worker go back to it by RPC
+(``_propagate``, one call per message, all at once), the others accumulate in the context.  A
+pass is done when its engine run and all the propagations it started are done, so the caller's
+``backward`` returns once every worker the forward pass touched has finished.
+
+``_propagate`` is an async-execution function: a worker waiting for the gradients it sent on
+pins no thread, so a chain A -> B -> C -> A needs none per hop.  No lock is held while the
+engine runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from thenable._errors import as_runtime_error
+from thenable._future import Future
+from thenable.autograd import _contexts
+from thenable.autograd._torch import torch
+from thenable.rpc import _context
+from thenable.rpc.functions import async_execution
+
+if TYPE_CHECKING:
+    from thenable.autograd._contexts import DistAutogradContext
+    from thenable.rpc._agent import Agent
+
+__all__ = ("BackwardError", "check_roots", "local_pass", "rref_backward", "run_backward")
+
+
+class BackwardError(RuntimeError):
+    """An error raised by the backward pass on one worker ("Error on Node N: ...", as torch
+    says); the original is its ``__cause__`` where it could travel."""
+
+
+def check_roots(roots: object) -> list[Any]:
+    """The roots as a list, or torch's errors for bad ones."""
+    if not isinstance(roots, (list, tuple)):
+        raise TypeError(
+            f"roots must be a list of scalar tensors, got {type(roots).__qualname__} "
+            "(torch: incompatible function arguments)"
+        )
+    if not roots:
+        raise RuntimeError("No tensors provided for gradient computation: roots is empty")
+    for index, root in enumerate(roots):
+        if not isinstance(root, torch.Tensor):
+            raise TypeError(f"root {index} is a {type(root).__qualname__}, not a tensor")
+        if not root.requires_grad:
+            raise RuntimeError(f"requires_grad not set on root {index}")
+        if root.numel() != 1:
+            raise RuntimeError(
+                f"root {index} of size {tuple(root.shape)} is not a scalar, all roots need to "
+                "be scalar (reduce it first, e.g. loss.sum())"
+            )
+        if root.grad_fn is None:
+            raise RuntimeError(
+                f"root {index} does not have a valid gradient function: it is a leaf, so the "
+                "backward pass would compute nothing"
+            )
+    return list(roots)
+
+
+def run_backward(agent: Agent, context: DistAutogradContext, roots: list[Any]) -> None:
+    """``dist_autograd.backward``: the pass from checked ``roots``, blocking until done."""
+    _wait(local_pass(agent, context, [(root, torch.ones_like(root)) for root in roots]))
+
+
+def _wait(done: Future[None]) -> None:
+    try:
+        done.wait()
+    except RuntimeError:
+        raise
+    except Exception as exc:  # an error another worker's backward raised, in its own type
+        raise as_runtime_error(exc) from None
+
+
+def local_pass(
+    agent: Agent, context: DistAutogradContext, seeds: list[tuple[Any, Any]]
+) -> Future[None]:
+    """Run this worker's part of the pass from ``(tensor, gradient)`` pairs; the Future is done
+    when the gradients reached every leaf, here and on the workers they came from."""
+    leaf_grads: list[tuple[Any, Any]] = []
+    outputs: list[Any] = []
+    output_grads: list[Any] = []
+    for tensor, grad in seeds:
+        if grad is None:
+            continue
+        if tensor.grad_fn is None:  # a leaf itself (sent or received as it is)
+            leaf_grads.append((tensor, grad))
+        else:
+            outputs.append(tensor)
+            output_grads.append(grad)
+    if outputs:
+        leaves = _reachable_leaves(outputs)
+        if leaves:
+            try:
+                grads = torch.autograd.grad(
+                    outputs, leaves, output_grads, retain_graph=True, allow_unused=True
+                )
+            except Exception as exc:
+                raise BackwardError(f"Error on Node {agent.rank}: {exc}") from exc
+            leaf_grads.extend(zip(leaves, grads, strict=True))
+    outgoing = context.route(leaf_grads)
+    if not outgoing:
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+    previous = _contexts.set_current_id(None)  # gradients need no context of their own
+    try:
+        calls = [
+            agent.call(sender, _propagate, (context._id, message_id, grads), {}, agent.rpc_timeout)
+            for message_id, (sender, grads) in outgoing.items()
+        ]
+    finally:
+        _contexts.set_current_id(previous)
+    return _all_done(calls)
+
+
+def _reachable_leaves(outputs: list[Any]) -> list[Any]:
+    """The leaf tensors (``AccumulateGrad`` nodes) that ``outputs``' graphs reach."""
+    leaves: list[Any] = []
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+def _all_done(calls: list[Future[Any]]) -> Future[None]:
+    """Done when every call is, or failed as soon as one fails (with its error)."""
+    done: Future[None] = Future()
+    lock = threading.Lock()
+    remaining = [len(calls)]  # 0 once done is (being) completed
+
+    def one_done(call: Future[Any]) -> None:
+        error = call._exception
+        with lock:
+            if not remaining[0]:
+                return
+            remaining[0] = 0 if error is not None else remaining[0] - 1
+            if remaining[0]:
+                return
+        # Completed outside the lock: done's callbacks may run long.
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+    for call in calls:
+        call.add_done_callback(one_done)
+    return done
+
+
+@async_execution
+def _propagate(context_id: int, message_id: int, grads: list[Any]) -> Future[None]:
+    """On the worker that sent message ``message_id``: continue the pass from its tensors."""
+    agent = _context.require_agent()
+    context = _contexts.table(agent).retrieve(context_id)
+    tensors = context.sent_tensors(message_id)
+    return local_pass(agent, context, list(zip(tensors, grads, strict=True)))
+
+
+def rref_backward(agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
+    """``RRef.backward(context_id)``: the pass from the RRef's value, started on its owner."""
+    del retain_graph  # the graph is kept until the context ends (see ``backward``)
+    if rref.is_owner():
+        _wait(_backward_here(agent, context_id, rref._owner_value(-1.0)))
+        return
+    previous = _contexts.set_current_id(None)
+    try:
+        done = agent.call(
+            rref._owner, _backward_on_owner, (rref, context_id), {}, agent.rpc_timeout
+        )
+    finally:
+        _contexts.set_current_id(previous)
+    _wait(done)
+
+
+def _backward_here(agent: Agent, context_id: int, root: Any) -> Future[None]:
+    context = _contexts.table(agent).retrieve(context_id)
+    (root,) = check_roots([root])
+    return local_pass(agent, context, [(root, torch.ones_like(root))])
+
+
+@async_execution
+def _backward_on_owner(rref: Any, context_id: int) -> Future[None]:
+    agent = _context.require_agent()
+    return _backward_here(agent, context_id, rref._owner_value(-1.0))

@@ -1,0 +1,73 @@
+"""The one extension point of the RPC layer: what a call carries beyond its function and
+arguments, and what is restored around its handler and its reply.
+
+Distributed autograd (``thenable.autograd``, a layer above RPC) installs itself here; RPC never
+imports it.  Without an installed extension a call costs one attribute read more.
+
+- Before pickling a request, the agent asks ``request_extra(agent, destination)``; before
+  pickling the reply to a request that carried an extra, ``reply_extra(agent, destination,
+  request_extra)``.  A result other than None travels with the message (inside its pickle: a
+  request as ``(fn, args, kwargs, extra)``, a reply as ``Reply(value, extra)``).
+- Pickling a message collects the tensors in it that require grad (``_context``); after
+  pickling, ``sent(agent, destination, extra, tensors)`` gets them.  The receiver, after
+  unpickling a message with an extra, calls ``received(agent, source, extra, tensors)`` with
+  the tensors it rebuilt that require grad, in the same order.
+- A request's handler runs inside ``serving(agent, extra)``.
+- ``RRef.backward(context_id)`` hands over to ``rref_backward``.
+
+The extra must be picklable and importable on the receiver: unpickling it there imports the
+extension's module, which installs the extension in that process too.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from thenable.rpc._agent import Agent
+
+__all__ = ("CallExtension", "Reply", "install", "installed")
+
+
+class CallExtension(Protocol):
+    """What an extension provides (see the module docstring)."""
+
+    def request_extra(self, agent: Agent, destination: int) -> object | None: ...
+
+    def reply_extra(
+        self, agent: Agent, destination: int, request_extra: object
+    ) -> object | None: ...
+
+    def sent(self, agent: Agent, destination: int, extra: object, tensors: list[Any]) -> None: ...
+
+    def received(self, agent: Agent, source: int, extra: object, tensors: list[Any]) -> None: ...
+
+    def serving(self, agent: Agent, extra: object) -> AbstractContextManager[None]: ...
+
+    def rref_backward(self, agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
+        """``RRef.backward`` with a context id: the pass from the RRef's value, run on its
+        owner."""
+
+
+installed: CallExtension | None = None
+"""The installed extension, if any."""
+
+
+def install(extension: CallExtension) -> None:
+    """Install ``extension`` for every agent of this process (the last one installed wins)."""
+    global installed
+    installed = extension
+
+
+class Reply:
+    """A reply value with the extra that travels with it."""
+
+    __slots__ = ("extra", "value")
+
+    def __init__(self, value: object, extra: object) -> None:
+        self.value = value
+        self.extra = extra
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Reply, (self.value, self.extra))
