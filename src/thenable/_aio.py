@@ -10,7 +10,6 @@ the thenable computation.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from thenable._future import Future
@@ -36,41 +35,8 @@ def to_asyncio(
         TypeError: ``future`` is not a thenable Future.
         RuntimeError: no loop was given and none is running in this thread.
     """
-    import asyncio  # here, not at the top: `import thenable` stays light
-
     _check_thenable(future, "to_asyncio")
-    if loop is None:
-        loop = asyncio.get_running_loop()
-    target: asyncio.Future[T] = loop.create_future()
-
-    def copy_outcome(done: Future[T]) -> None:
-        # A closed loop raises RuntimeError: nobody can await the target any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_copy_into_asyncio, done, target)
-
-    future.add_done_callback(copy_outcome)
-    return target
-
-
-def _copy_into_asyncio(source: Future[T], target: asyncio.Future[T]) -> None:
-    if target.done():  # cancelled by its awaiter
-        return
-    exception = source._exception
-    if isinstance(exception, StopIteration):
-        # asyncio refuses StopIteration (it would end the awaiting coroutine silently); wrap
-        # it the way asyncio wraps one escaping from a coroutine.
-        wrapped = RuntimeError(f"the thenable Future failed with StopIteration: {exception!r}")
-        wrapped.__cause__ = exception
-        exception = wrapped
-    if exception is not None:
-        target.set_exception(exception)
-    else:
-        target.set_result(source._result)
-
-
-def wait_in_running_loop(future: Future[T]) -> asyncio.Future[T]:
-    """The awaitable behind ``await future``: an asyncio Future on the running loop."""
-    return to_asyncio(future)
+    return future._to_asyncio(loop)
 
 
 def from_asyncio(source: asyncio.Future[T]) -> Future[T]:

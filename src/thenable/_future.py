@@ -19,6 +19,7 @@ fast paths (already done, no waiters) take one uncontended lock and allocate not
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -33,6 +34,8 @@ from thenable import _devices
 from thenable._errors import as_runtime_error
 
 if TYPE_CHECKING:
+    import asyncio
+
     from thenable._devices import DeviceSpec
 
 __all__ = ["Future", "FutureState"]
@@ -314,10 +317,25 @@ class Future(Generic[T]):
     def __await__(self) -> Generator[Any, None, T]:
         """Let asyncio code ``await`` this Future without blocking its event loop."""
         if self._state is not _FINISHED:
-            from thenable import _aio
-
-            yield from _aio.wait_in_running_loop(self).__await__()
+            yield from self._to_asyncio(None).__await__()
         return self.value()
+
+    def _to_asyncio(self, loop: asyncio.AbstractEventLoop | None) -> asyncio.Future[T]:
+        """An asyncio Future on ``loop`` (default: the running one) that completes like this
+        one (``thenable.to_asyncio`` and ``await``); touched only from the loop's thread."""
+        import asyncio  # here, not at the top: `import thenable` stays light
+
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        target: asyncio.Future[T] = loop.create_future()
+
+        def copy_outcome(done: Future[T]) -> None:
+            # A closed loop raises RuntimeError: nobody can await the target any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_copy_into_asyncio, done, target)
+
+        self.add_done_callback(copy_outcome)
+        return target
 
     # -- callbacks ----------------------------------------------------------------------------
 
@@ -518,3 +536,19 @@ def _short_repr(value: object, limit: int = 60) -> str:
     except Exception:
         text = f"<{type(value).__qualname__} with failing repr>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _copy_into_asyncio(source: Future[T], target: asyncio.Future[T]) -> None:
+    if target.done():  # cancelled by its awaiter
+        return
+    exception = source._exception
+    if isinstance(exception, StopIteration):
+        # asyncio refuses StopIteration (it would end the awaiting coroutine silently); wrap
+        # it the way asyncio wraps one escaping from a coroutine.
+        wrapped = RuntimeError(f"the thenable Future failed with StopIteration: {exception!r}")
+        wrapped.__cause__ = exception
+        exception = wrapped
+    if exception is not None:
+        target.set_exception(exception)
+    else:
+        target.set_result(source._result)
