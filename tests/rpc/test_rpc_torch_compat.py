@@ -173,3 +173,20 @@ def test_the_error_types_derive_from_torch_s() -> None:
     ]:
         assert issubclass(cls, builtin) and issubclass(cls, rpc.RpcError), cls
     assert issubclass(rpc.RemoteError, rpc.RpcError)
+
+
+def test_torch_s_module_level_names_and_constants() -> None:
+    """Names torch programs and tests reach for, with torch's values."""
+    import torch.distributed.rpc as torch_rpc
+
+    for name in (
+        "DEFAULT_INIT_METHOD",
+        "DEFAULT_NUM_WORKER_THREADS",
+        "DEFAULT_RPC_TIMEOUT_SEC",
+        "DEFAULT_SHUTDOWN_TIMEOUT",
+        "UNSET_RPC_TIMEOUT",
+    ):
+        assert getattr(rpc.constants, name) == getattr(torch_rpc.constants, name), name
+    assert rpc.PyRRef is rpc.RRef
+    assert rpc.RpcAgent is rpc.api.RpcAgent
+    assert rpc._is_current_rpc_agent_set() is False

@@ -32,6 +32,7 @@ __all__ = (
     "backward",
     "context",
     "get_gradients",
+    "is_available",
 )
 
 _extension.install()
@@ -92,6 +93,11 @@ def get_gradients(context_id: int) -> dict[Any, Any]:
     """``{tensor: gradient}`` for the leaves on this worker that the context's backward
     passes reached (the sum over passes)."""
     return _table().retrieve(context_id).gradients()
+
+
+def is_available() -> bool:
+    """Distributed autograd is available (torch's check; here: whenever this imports)."""
+    return True
 
 
 def _current_context() -> DistAutogradContext:

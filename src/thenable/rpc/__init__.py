@@ -6,6 +6,7 @@ Code written for torch runs after changing its import::
 """
 
 from thenable.rpc import api as api
+from thenable.rpc import constants as constants
 from thenable.rpc import functions as functions
 from thenable.rpc._api import BackendType as BackendType
 from thenable.rpc._api import _set_rpc_timeout as _set_rpc_timeout
@@ -32,19 +33,26 @@ from thenable.rpc._protocol import AuthenticationError as AuthenticationError
 from thenable.rpc._protocol import ProtocolError as ProtocolError
 from thenable.rpc._rref import RRef as RRef
 from thenable.rpc._serialize import RemoteTraceback as RemoteTraceback
+from thenable.rpc.api import RpcAgent as RpcAgent
+from thenable.rpc.api import _get_current_rpc_agent as _get_current_rpc_agent
+from thenable.rpc.api import _is_current_rpc_agent_set as _is_current_rpc_agent_set
 
 # torch's name for the options of its (only) backend.
 TensorPipeRpcBackendOptions = RpcBackendOptions
+# torch's name for the RRef class its RRef type derives from (isinstance checks use it).
+PyRRef = RRef
 
 __all__ = (
     "AsyncExecutionError",
     "AuthenticationError",
     "BackendType",
     "ProtocolError",
+    "PyRRef",
     "RRef",
     "RemoteError",
     "RemoteTraceback",
     "RendezvousError",
+    "RpcAgent",
     "RpcBackendOptions",
     "RpcConnectionError",
     "RpcError",
@@ -54,8 +62,11 @@ __all__ = (
     "UnknownWorkerError",
     "WorkerInfo",
     "WorkerNameError",
+    "_get_current_rpc_agent",
+    "_is_current_rpc_agent_set",
     "_set_rpc_timeout",
     "api",
+    "constants",
     "functions",
     "get_rpc_timeout",
     "get_worker_info",

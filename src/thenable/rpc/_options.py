@@ -13,6 +13,7 @@ from thenable.rpc._errors import WorkerNameError
 __all__ = (
     "DEFAULT_BUSY_POLL_US",
     "DEFAULT_INIT_METHOD",
+    "DEFAULT_NUM_WORKER_THREADS",
     "DEFAULT_RPC_TIMEOUT_SEC",
     "RpcBackendOptions",
     "WorkerInfo",
@@ -24,6 +25,7 @@ __all__ = (
 DEFAULT_RPC_TIMEOUT_SEC = 60.0
 DEFAULT_INIT_METHOD = "env://"
 DEFAULT_BUSY_POLL_US = 500
+DEFAULT_NUM_WORKER_THREADS = 16
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
@@ -126,7 +128,7 @@ class RpcBackendOptions:
 
     init_method: str = DEFAULT_INIT_METHOD
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT_SEC
-    num_worker_threads: int = 16
+    num_worker_threads: int = DEFAULT_NUM_WORKER_THREADS
     auth_key: bytes | str | None = None
     max_message_bytes: int = 1 << 30
     same_host_ipc: bool = True
