@@ -50,3 +50,15 @@ def no_worker_left_behind() -> Iterator[None]:
     yield
     left = multiprocessing.active_children()
     assert not left, f"worker processes left running: {left}"
+
+
+def running_group(size: int, rpc_timeout: float = 30.0) -> Iterator[Group]:
+    """A Group of ``size`` workers with RPC up, for module-scoped fixtures: yields it, then
+    shuts RPC down and asserts that every worker exits cleanly."""
+    import _remote_fns as fns
+
+    with Group(size) as group:
+        group.init_all(fns.init_worker, rpc_timeout=rpc_timeout)
+        yield group
+        group.call_all(fns.shutdown_if_running)
+        group.close()

@@ -12,16 +12,12 @@ import _remote_fns as fns
 import pytest
 import torch
 from _harness import Failure, Group
-from conftest import GroupFactory
+from conftest import GroupFactory, running_group
 
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(4) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
-        group.close()
+    yield from running_group(4)
 
 
 def _assert_equal_pairs(pairs: list[tuple[Any, Any]], *, exact: bool = True) -> None:

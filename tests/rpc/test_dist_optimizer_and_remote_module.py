@@ -9,19 +9,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import _autograd_fns as ag
-import _remote_fns as fns
 import pytest
 import torch
 from _harness import Failure, Group
+from conftest import running_group
 
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(4) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
-        group.close()
+    yield from running_group(4)
 
 
 def _assert_same(pairs: list[tuple[Any, Any]]) -> None:

@@ -11,19 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import _remote_fns as fns
 import _rref_order_fns as orders
 import pytest
 from _harness import Failure, Group
+from conftest import running_group
 
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(4) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
-        group.close()
+    yield from running_group(4)
 
 
 def test_owner_reads_wait_for_a_creation_still_running(group: Group) -> None:

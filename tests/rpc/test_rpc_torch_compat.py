@@ -12,20 +12,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import _compat_fns as compat
-import _remote_fns as fns
 import pytest
 from _harness import Failure, Group
+from conftest import running_group
 
 from thenable import rpc
 
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[Group]:
-    with Group(3) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
-        group.close()
+    yield from running_group(3)
 
 
 def _is(
