@@ -250,4 +250,6 @@ def release_everywhere(agent: Agent, context_id: int, source: int | None = None)
 
 
 def _release_notified(context_id: int, source: int) -> None:
-    release_everywhere(_context.require_agent(), context_id, source)
+    agent = _context.current_agent()
+    if agent is not None:  # (else this worker shuts down: its contexts are gone with it)
+        release_everywhere(agent, context_id, source)

@@ -719,6 +719,9 @@ def _add_fork(rref_id: RRefId, fork: ForkId) -> None:
 
 
 def _release_forks(forks: list[tuple[RRefId, ForkId]]) -> None:
-    table = _context.require_agent().rrefs
+    agent = _context.current_agent()
+    if agent is None:  # a release read while this worker shuts down: its values are gone
+        return
+    table = agent.rrefs
     for rref_id, fork in forks:
         table.release(tuple(rref_id), tuple(fork))  # type: ignore[arg-type]
