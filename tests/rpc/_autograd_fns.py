@@ -566,3 +566,54 @@ def _pickle(module: Any) -> bytes:
     import pickle
 
     return pickle.dumps(module)
+
+
+class SlowSGD(torch.optim.SGD):
+    """SGD whose steps take long enough for two of them to overlap if nothing stops them."""
+
+    def step(self, closure: Any = None) -> Any:
+        time.sleep(0.2)  # widens the window for an overlap; the result must not depend on it
+        return super().step(closure)
+
+
+def make_shared_weight() -> rpc.RRef[torch.Tensor]:
+    return rpc.RRef(torch.zeros(1, requires_grad=True))
+
+
+def times_weight(weight: rpc.RRef[torch.Tensor], factor: float) -> torch.Tensor:
+    return weight.local_value() * factor
+
+
+def shared_weight_state(weight: rpc.RRef[torch.Tensor]) -> tuple[float, Any]:
+    tensor = weight.local_value()
+    return float(tensor.detach()), tensor.grad
+
+
+def check_two_optimizers_share_a_parameter() -> tuple[float, Any]:
+    """Two DistributedOptimizers over one parameter on worker1, stepped at once from two
+    threads with gradients 1 and 100 (SGD, lr 1): the weight must end at -101."""
+    import threading
+
+    weight = rpc.rpc_sync("worker1", make_shared_weight)
+    optimizers = [DistributedOptimizer(SlowSGD, [weight], lr=1.0) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def train(optimizer: DistributedOptimizer, factor: float) -> None:
+        try:
+            with dist_autograd.context() as cid:
+                out = rpc.rpc_sync("worker1", times_weight, args=(weight, factor))
+                dist_autograd.backward(cid, [out.sum()])
+                optimizer.step(cid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=train, args=(opt, f))
+        for opt, f in zip(optimizers, (1.0, 100.0), strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert not errors, errors
+    return rpc.rpc_sync("worker1", shared_weight_state, args=(weight,))

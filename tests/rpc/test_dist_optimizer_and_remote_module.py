@@ -74,3 +74,11 @@ def test_without_torch_the_training_modules_say_what_to_install(tmp_path: Any) -
         assert completed.returncode == 1
         assert "ImportError" in completed.stderr
         assert "pip install 'thenable[torch]'" in completed.stderr
+
+
+def test_optimizers_sharing_a_parameter_step_one_at_a_time(group: Group) -> None:
+    """Two trainers' optimizers over one server's parameter: each step sees its own gradient
+    (they overwrote each other's .grad when each optimizer had a lock of its own)."""
+    value, grad = group.call(0, ag.check_two_optimizers_share_a_parameter)
+    assert value == -101.0
+    assert grad is None

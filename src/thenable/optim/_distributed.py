@@ -3,8 +3,8 @@ with the gradients of a distributed autograd context.
 
 Each owner's optimizer steps on the gradients ``get_gradients(context_id)`` holds there (a
 parameter the pass did not reach has none, as in torch's functional optimizers); ``.grad`` is
-set only for the step and restored after it, so gradients stay in the context.  Steps of one
-local optimizer never overlap (a lock each), and all owners step at once.
+set only for the step and restored after it, so gradients stay in the context.  No two steps in
+one process overlap (optimizers may share parameters), and all owners step at once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ __all__ = ("DistributedOptimizer",)
 torch = _torch.torch
 
 
+# One lock for every local optimizer of the process, as torch has: a step sets ``.grad`` of its
+# parameters for its duration, and two optimizers may share parameters (two trainers' optimizers
+# over one parameter server's model), so no two steps may overlap.
+_STEP_LOCK = threading.Lock()
+
+
 class _LocalOptimizer:
     """The optimizer of the parameters one owner holds, made on that owner."""
 
@@ -34,11 +40,10 @@ class _LocalOptimizer:
     ) -> None:
         self._params = [rref.local_value() for rref in params]
         self._optimizer = optimizer_class(self._params, *args, **kwargs)
-        self._lock = threading.Lock()
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
-        with self._lock:
+        with _STEP_LOCK:
             saved = [param.grad for param in self._params]
             try:
                 for param in self._params:
