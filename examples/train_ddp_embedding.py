@@ -27,6 +27,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn, optim
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # (re-exported by torch)
 from torch.nn.parallel import DistributedDataParallel
 
 import thenable.autograd as dist_autograd
@@ -79,7 +80,7 @@ def run_trainer(
 ) -> tuple[list[float], torch.Tensor]:
     """On a trainer: join the trainers' process group and train; the mean loss of each epoch,
     and the local layer's parameters at the end."""
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False)
+    store = TCPStore("127.0.0.1", store_port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=trainer, world_size=len(TRAINERS))
     try:
         model = HybridModel(remote_emb_module)
@@ -116,7 +117,7 @@ def main() -> None:
     if rank == 0:
         rpc.init_rpc("master", rank=rank, world_size=world_size)
         # Port 0: the system picks a free port, and the store holds it until training is over.
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True)
+        store = TCPStore("127.0.0.1", 0, is_master=True)
         remote_emb_module = RemoteModule(
             "ps/cpu",
             nn.EmbeddingBag,

@@ -54,7 +54,16 @@ class Net(nn.Module):
         self.fc2 = nn.Linear(HIDDEN, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.fc2(F.relu(self.fc1(x))), dim=1)
+        # Trainers call this at once, and one trainer's optimizer step may update the parameters
+        # in place between another's forward pass and its backward pass.  Computing with copies
+        # of the parameters (which autograd traces back to them) keeps that other graph valid,
+        # and changes nothing in the module, so concurrent calls cannot disturb each other.
+        hidden = F.relu(_linear_on_copies(self.fc1, x))
+        return F.log_softmax(_linear_on_copies(self.fc2, hidden), dim=1)
+
+
+def _linear_on_copies(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.weight.clone(), layer.bias.clone())
 
 
 class ParameterServer:
@@ -65,11 +74,7 @@ class ParameterServer:
         self.model = Net()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Another trainer's optimizer step may update the parameters in place between this
-        # forward pass and its backward pass; computing with copies (which autograd still traces
-        # back to the parameters) keeps this trainer's graph valid meanwhile.
-        weights = {name: p.clone() for name, p in self.model.named_parameters()}
-        out: torch.Tensor = torch.func.functional_call(self.model, weights, (x,))
+        out: torch.Tensor = self.model(x)
         return out
 
     def parameter_rrefs(self) -> list[rpc.RRef[nn.Parameter]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,10 @@ HIDDEN = 24
 BATCH = 16
 SEQ_LEN = 24
 BPTT = 6
+
+# The server builds both remote modules at once, on two RPC threads: each seeds torch's (global)
+# generator and draws its initial weights under this lock, so the draws cannot interleave.
+_init_lock = threading.Lock()
 
 
 def _call_method(method: Callable[..., Any], rref: rpc.RRef[Any], *args: Any) -> Any:
@@ -59,8 +64,9 @@ class EmbeddingTable(nn.Module):
 
     def __init__(self, vocab: int, dim: int) -> None:
         super().__init__()
-        torch.manual_seed(1)
-        self.encoder = nn.Embedding(vocab, dim)
+        with _init_lock:
+            torch.manual_seed(1)
+            self.encoder = nn.Embedding(vocab, dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.encoder(tokens)
@@ -72,8 +78,9 @@ class Decoder(nn.Module):
 
     def __init__(self, vocab: int, hidden: int) -> None:
         super().__init__()
-        torch.manual_seed(2)
-        self.decoder = nn.Linear(hidden, vocab)
+        with _init_lock:
+            torch.manual_seed(2)
+            self.decoder = nn.Linear(hidden, vocab)
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.decoder(output)
