@@ -556,7 +556,8 @@ def check_remote_module() -> dict[str, Any]:
         else None,
         "not_a_module": failure_of(RemoteModule, "worker1/cpu", dict, ()),
         "shared": (
-            RemoteModule.init_from_module_rref("worker1/cpu", module.get_module_rref())(x),
+            # The calls go to the module's owner, whatever worker the device string names.
+            RemoteModule.init_from_module_rref("worker2/cpu", module.get_module_rref())(x),
             local(x).detach(),
         ),
     }
@@ -617,3 +618,30 @@ def check_two_optimizers_share_a_parameter() -> tuple[float, Any]:
         thread.join(WAIT_S)
     assert not errors, errors
     return rpc.rpc_sync("worker1", shared_weight_state, args=(weight,))
+
+
+def sparse_mm(s: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = torch.sparse.mm(s, d)
+    return out
+
+
+def check_sparse_and_shared_gradients() -> dict[str, Any]:
+    """A sparse tensor requiring grad keeps it across RPC and gets its gradient; gradients
+    the engine hands to two leaves (x + y) are separate tensors in the context."""
+    indices = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    s = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0, 3.0]), (3, 3)).requires_grad_()
+    (d,) = _leaves(3, 2, count=1, seed=40)
+    x, y = _leaves(4, count=2, seed=41)
+    with dist_autograd.context() as cid:
+        out = rpc.rpc_sync("worker1", sparse_mm, args=(s, d))
+        dist_autograd.backward(cid, [out.sum(), (x + y).sum()])
+        grads = dist_autograd.get_gradients(cid)
+        local_s = s.detach().clone().requires_grad_()
+        local_d = d.detach().clone().requires_grad_()
+        torch.sparse.mm(local_s, local_d).sum().backward()
+        grads[x].add_(1.0)  # must not show in y's gradient
+        return {
+            "sparse": (grads[s].to_dense(), local_s.grad.to_dense()),  # type: ignore[union-attr]
+            "dense": (grads[d], local_d.grad),
+            "y_unchanged": (grads[y], torch.ones(4)),
+        }

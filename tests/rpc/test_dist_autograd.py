@@ -153,3 +153,8 @@ def test_distributed_autograd_needs_rpc(make_group: GroupFactory) -> None:
         assert failure.type_name == "builtins.RuntimeError"
         assert "call thenable.rpc.init_rpc" in failure.message
     group.close()
+
+
+def test_sparse_tensors_and_gradients_given_to_two_leaves(group: Group) -> None:
+    out = group.call(0, ag.check_sparse_and_shared_gradients)
+    _assert_equal_pairs([out["sparse"], out["dense"], out["y_unchanged"]])

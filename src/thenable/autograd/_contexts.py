@@ -106,6 +106,7 @@ class DistAutogradContext:
         tensors, by message id: ``(sender, one gradient or None per tensor of the message)``."""
         outgoing: dict[int, tuple[int, list[Any]]] = {}
         with self._lock:
+            kept: set[int] = {id(g) for _, g in self._gradients.values()}
             for leaf, grad in grads:
                 if grad is None:
                     continue
@@ -119,13 +120,30 @@ class DistAutogradContext:
                     bucket[index] = grad if bucket[index] is None else bucket[index] + grad
                     continue
                 held = self._gradients.get(id(leaf))
-                total = grad if held is None else held[1] + grad  # new tensor: no aliasing
+                if held is not None:
+                    total = held[1] + grad  # a new tensor: none given out is changed
+                elif id(grad) in kept or _shares_memory(grad):
+                    total = grad.clone()  # one gradient for two leaves, or a view: own it
+                else:
+                    total = grad  # (as torch, which takes over a fresh gradient buffer)
+                kept.add(id(total))
                 self._gradients[id(leaf)] = (leaf, total)
         return outgoing
 
     def gradients(self) -> dict[Any, Any]:
         with self._lock:
             return dict(self._gradients.values())
+
+
+def _shares_memory(grad: Any) -> bool:
+    """``grad`` is a view, or not laid out contiguously (it may alias other memory)."""
+    return grad._base is not None or (grad.layout is _strided() and not grad.is_contiguous())
+
+
+def _strided() -> Any:
+    import torch
+
+    return torch.strided
 
 
 class ContextTable:

@@ -169,22 +169,22 @@ class RemoteModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The remote module's ``forward(*args, **kwargs)``, run on its worker."""
-        return rpc_sync(self.on, _forward, (self.module_rref, args, kwargs))
+        return rpc_sync(self.module_rref.owner(), _forward, (self.module_rref, args, kwargs))
 
     def forward_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """A Future of the remote module's ``forward(*args, **kwargs)``."""
-        return rpc_async(self.on, _forward, (self.module_rref, args, kwargs))
+        return rpc_async(self.module_rref.owner(), _forward, (self.module_rref, args, kwargs))
 
     def remote_parameters(self, recurse: bool = True) -> list[RRef[Any]]:
         """RRefs to the remote module's parameters (for ``DistributedOptimizer``)."""
-        return rpc_sync(self.on, _param_rrefs, (self.module_rref, recurse))
+        return rpc_sync(self.module_rref.owner(), _param_rrefs, (self.module_rref, recurse))
 
     def get_module_rref(self) -> RRef[Any]:
         """The RRef to the remote module."""
         return self.module_rref
 
     def train(self, mode: bool = True) -> RemoteModule:
-        rpc_sync(self.on, _train, (self.module_rref, mode))
+        rpc_sync(self.module_rref.owner(), _train, (self.module_rref, mode))
         return self
 
     def eval(self) -> RemoteModule:

@@ -229,6 +229,13 @@ def _rebuild_tensor(
     return tensor
 
 
+def _rebuild_requiring_grad(tensor: Any) -> Any:
+    """Receiver side of a sparse (or other non-strided) tensor that requires grad."""
+    tensor.requires_grad_(True)
+    _context.note_received_grad(tensor)
+    return tensor
+
+
 def _rebuild_small_tensor(
     data: bytearray,
     dtype_name: str,
@@ -503,6 +510,9 @@ class _Pickler(pickle.Pickler):
                 "(tensor.cpu()); device maps are not supported"
             )
         if tensor.layout is not self._strided or tensor.is_quantized or tensor.is_nested:
+            if tensor.requires_grad:  # torch's own pickling drops it
+                _context.note_sent_grad(tensor)
+                return (_rebuild_requiring_grad, (tensor.detach(),))
             return _own_reduction(tensor)
         requires_grad = bool(tensor.requires_grad)
         if requires_grad:
