@@ -218,12 +218,7 @@ _TABLES_LOCK = threading.Lock()
 def table(agent: Agent | None = None) -> ContextTable:
     """The context table of ``agent`` (by default the running one)."""
     if agent is None:
-        agent = _context.current_agent()
-        if agent is None:
-            raise RuntimeError(
-                "distributed autograd needs RPC: call thenable.rpc.init_rpc(name, rank=..., "
-                "world_size=...) first (torch: 'Need to initialize distributed autograd')"
-            )
+        agent = _context.require_agent()
     found = _TABLES.get(agent)
     if found is None:
         with _TABLES_LOCK:

@@ -69,12 +69,15 @@ def run_backward(agent: Agent, context: DistAutogradContext, roots: list[Any]) -
 
 
 def _wait(done: Future[None]) -> None:
+    """Wait; an error another worker's backward raised in its own type is also a
+    RuntimeError (raised outside the ``except``: the remote traceback stays its cause)."""
     try:
         done.wait()
-    except RuntimeError:
-        raise
-    except Exception as exc:  # an error another worker's backward raised, in its own type
-        raise as_runtime_error(exc) from None
+    except Exception as exc:
+        error = exc
+    else:
+        return
+    raise as_runtime_error(error)
 
 
 def local_pass(

@@ -122,5 +122,5 @@ def _wait_all(futures: list[Any]) -> list[Any]:
         except Exception as exc:
             error = error or exc
     if error is not None:
-        raise error if isinstance(error, RuntimeError) else as_runtime_error(error)
+        raise as_runtime_error(error)
     return results

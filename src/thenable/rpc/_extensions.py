@@ -22,10 +22,11 @@ extension's module, which installs the extension in that process too.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from thenable.rpc._agent import Agent
+# The agent (``thenable.rpc._agent.Agent``) is passed through as it is; not naming its class here
+# keeps this module below the agent in the import graph.
+_Agent = Any
 
 __all__ = ("CallExtension", "Reply", "install", "installed")
 
@@ -33,19 +34,19 @@ __all__ = ("CallExtension", "Reply", "install", "installed")
 class CallExtension(Protocol):
     """What an extension provides (see the module docstring)."""
 
-    def request_extra(self, agent: Agent, destination: int) -> object | None: ...
+    def request_extra(self, agent: _Agent, destination: int) -> object | None: ...
 
     def reply_extra(
-        self, agent: Agent, destination: int, request_extra: object
+        self, agent: _Agent, destination: int, request_extra: object
     ) -> object | None: ...
 
-    def sent(self, agent: Agent, destination: int, extra: object, tensors: list[Any]) -> None: ...
+    def sent(self, agent: _Agent, destination: int, extra: object, tensors: list[Any]) -> None: ...
 
-    def received(self, agent: Agent, source: int, extra: object, tensors: list[Any]) -> None: ...
+    def received(self, agent: _Agent, source: int, extra: object, tensors: list[Any]) -> None: ...
 
-    def serving(self, agent: Agent, extra: object) -> AbstractContextManager[None]: ...
+    def serving(self, agent: _Agent, extra: object) -> AbstractContextManager[None]: ...
 
-    def rref_backward(self, agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
+    def rref_backward(self, agent: _Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
         """``RRef.backward`` with a context id: the pass from the RRef's value, run on its
         owner."""
 
