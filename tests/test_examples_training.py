@@ -67,11 +67,6 @@ def test_train_ddp_embedding_learns(ddp_embedding_run: list[str]) -> None:
     _assert_trained(lines)
 
 
-@pytest.mark.xfail(
-    reason="thenable.autograd runs torch.autograd.grad, which skips the AccumulateGrad nodes "
-    "that DDP's reducer hooks: the trainers' gradients are never allreduced (torch's are)",
-    strict=True,
-)
 def test_train_ddp_embedding_keeps_replicas_in_sync(ddp_embedding_run: list[str]) -> None:
     """DDP averages the local layer's gradients, so both replicas end up equal."""
     assert "[0] local layer replicas in sync: True" in ddp_embedding_run, ddp_embedding_run

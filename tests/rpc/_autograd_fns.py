@@ -645,3 +645,40 @@ def check_sparse_and_shared_gradients() -> dict[str, Any]:
             "dense": (grads[d], local_d.grad),
             "y_unchanged": (grads[y], torch.ones(4)),
         }
+
+
+def _double(grad: torch.Tensor) -> torch.Tensor:
+    return grad * 2
+
+
+def check_leaf_hooks_run() -> dict[str, Any]:
+    """Tensor hooks and ``AccumulateGrad`` hooks run in the distributed pass as in a local one
+    (DDP's reducer relies on the latter), whether the leaf was sent as it is or used first;
+    a ``.grad`` the user left stays as it was."""
+    a, b = _leaves(3, count=2, seed=20)
+    a.register_hook(_double)  # type: ignore[no-untyped-call]
+    calls: list[str] = []
+    c = b * 1.0
+    b_accumulate: Any = c.grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+
+    def pre_hook(grads: Any) -> None:
+        calls.append("pre")
+
+    def post_hook(grads_in: Any, grads_out: Any) -> None:
+        calls.append("post")
+
+    b_accumulate.register_prehook(pre_hook)
+    b_accumulate.register_hook(post_hook)
+    b.grad = torch.full((3,), 7.0)
+    with dist_autograd.context() as cid:
+        x = rpc.rpc_sync("worker1", mul_add, args=(a, c))
+        dist_autograd.backward(cid, [x.sum()])
+        grads = dist_autograd.get_gradients(cid)
+    a_local, b_local = (t.detach().clone().requires_grad_() for t in (a, b))
+    a_local.register_hook(_double)  # type: ignore[no-untyped-call]
+    torch.autograd.backward([mul_add(a_local, b_local * 1.0).sum()])
+    return {
+        "pairs": [(grads[a], a_local.grad), (grads[b], b_local.grad)],
+        "calls": calls,
+        "dot_grad": (a.grad, b.grad),
+    }

@@ -158,3 +158,12 @@ def test_distributed_autograd_needs_rpc(make_group: GroupFactory) -> None:
 def test_sparse_tensors_and_gradients_given_to_two_leaves(group: Group) -> None:
     out = group.call(0, ag.check_sparse_and_shared_gradients)
     _assert_equal_pairs([out["sparse"], out["dense"], out["y_unchanged"]])
+
+
+def test_leaf_hooks_run_and_dot_grad_is_kept(group: Group) -> None:
+    out = group.call(0, ag.check_leaf_hooks_run)
+    _assert_equal_pairs(out["pairs"])
+    assert out["calls"] == ["pre", "post"]
+    kept_a, kept_b = out["dot_grad"]
+    assert kept_a is None
+    torch.testing.assert_close(kept_b, torch.full((3,), 7.0))

@@ -7,9 +7,13 @@ the leaves they reach.  Gradients of leaves that came from another worker go bac
 pass is done when its engine run and all the propagations it started are done, so the caller's
 ``backward`` returns once every worker the forward pass touched has finished.
 
+The engine runs as ``torch.autograd.backward`` into the leaves' ``.grad`` (borrowed, see
+``_grad_field``), not as ``torch.autograd.grad``: only then does torch run the leaves' hooks, which
+DDP's gradient reducer and users' tensor hooks rely on.
+
 ``_propagate`` is an async-execution function: a worker waiting for the gradients it sent on
-pins no thread, so a chain A -> B -> C -> A needs none per hop.  No lock is held while the
-engine runs.
+pins no thread, so a chain A -> B -> C -> A needs none per hop.  No lock is held while
+gradients travel.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from thenable._errors import as_runtime_error
 from thenable._future import Future
-from thenable.autograd import _contexts
+from thenable.autograd import _contexts, _grad_field
 from thenable.autograd._torch import torch
 from thenable.rpc import _context
 from thenable.rpc.functions import async_execution
@@ -85,27 +89,17 @@ def local_pass(
 ) -> Future[None]:
     """Run this worker's part of the pass from ``(tensor, gradient)`` pairs; the Future is done
     when the gradients reached every leaf, here and on the workers they came from."""
+    outputs = [tensor for tensor, grad in seeds if grad is not None]
+    output_grads = [grad for _, grad in seeds if grad is not None]
     leaf_grads: list[tuple[Any, Any]] = []
-    outputs: list[Any] = []
-    output_grads: list[Any] = []
-    for tensor, grad in seeds:
-        if grad is None:
-            continue
-        if tensor.grad_fn is None:  # a leaf itself (sent or received as it is)
-            leaf_grads.append((tensor, grad))
-        else:
-            outputs.append(tensor)
-            output_grads.append(grad)
-    if outputs:
-        leaves = _reachable_leaves(outputs)
-        if leaves:
+    leaves = _reachable_leaves(outputs)
+    if leaves:
+        with _grad_field.borrowed(leaves, [None] * len(leaves)):
             try:
-                grads = torch.autograd.grad(
-                    outputs, leaves, output_grads, retain_graph=True, allow_unused=True
-                )
+                torch.autograd.backward(outputs, output_grads, retain_graph=True, inputs=leaves)
             except Exception as exc:
                 raise BackwardError(f"Error on Node {agent.rank}: {exc}") from exc
-            leaf_grads.extend(zip(leaves, grads, strict=True))
+            leaf_grads = [(leaf, leaf.grad) for leaf in leaves]
     outgoing = context.route(leaf_grads)
     if not outgoing:
         done: Future[None] = Future()
@@ -123,8 +117,9 @@ def local_pass(
 
 
 def _reachable_leaves(outputs: list[Any]) -> list[Any]:
-    """The leaf tensors (``AccumulateGrad`` nodes) that ``outputs``' graphs reach."""
-    leaves: list[Any] = []
+    """The leaf tensors (``AccumulateGrad`` nodes) that ``outputs``' graphs reach, and the
+    outputs that are leaves themselves (sent as they are)."""
+    leaves: dict[int, Any] = {id(t): t for t in outputs if t.grad_fn is None}
     seen: set[int] = set()
     stack = [t.grad_fn for t in outputs]
     while stack:
@@ -134,10 +129,10 @@ def _reachable_leaves(outputs: list[Any]) -> list[Any]:
         seen.add(id(node))
         variable = getattr(node, "variable", None)
         if variable is not None:
-            leaves.append(variable)
+            leaves.setdefault(id(variable), variable)
             continue
         stack.extend(child for child, _ in node.next_functions)
-    return leaves
+    return list(leaves.values())
 
 
 def _all_done(calls: list[Future[Any]]) -> Future[None]:

@@ -9,23 +9,16 @@ one process overlap (optimizers may share parameters), and all owners step at on
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 from thenable._errors import as_runtime_error
-from thenable.autograd import _torch, get_gradients
+from thenable.autograd import _grad_field, _torch, get_gradients
 from thenable.rpc import RRef, rpc_async
 
 __all__ = ("DistributedOptimizer",)
 
 torch = _torch.torch
-
-
-# One lock for every local optimizer of the process, as torch has: a step sets ``.grad`` of its
-# parameters for its duration, and two optimizers may share parameters (two trainers' optimizers
-# over one parameter server's model), so no two steps may overlap.
-_STEP_LOCK = threading.Lock()
 
 
 class _LocalOptimizer:
@@ -43,15 +36,10 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
-        with _STEP_LOCK:
-            saved = [param.grad for param in self._params]
-            try:
-                for param in self._params:
-                    param.grad = grads.get(param)
-                self._optimizer.step()
-            finally:
-                for param, grad in zip(self._params, saved, strict=True):
-                    param.grad = grad
+        # Under the process's one .grad lock, as torch's one step lock: optimizers may share
+        # parameters (two trainers' optimizers over one parameter server's model).
+        with _grad_field.borrowed(self._params, [grads.get(p) for p in self._params]):
+            self._optimizer.step()
 
 
 def _new_local_optimizer(
