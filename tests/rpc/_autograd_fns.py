@@ -682,3 +682,43 @@ def check_leaf_hooks_run() -> dict[str, Any]:
         "calls": calls,
         "dot_grad": (a.grad, b.grad),
     }
+
+
+class _PassesSeen(torch.autograd.Function):
+    """Identity whose backward notes this worker's running backward passes."""
+
+    seen: list[int] = []  # noqa: RUF012 - one list per worker process, read by the test
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _PassesSeen.seen.append(int(dist_autograd._get_debug_info()["num_current_backward_passes"]))
+        return grad
+
+
+def passes_seen_mul_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return mul_add(_PassesSeen.apply(a), b)  # type: ignore[no-untyped-call]
+
+
+def passes_seen_and_debug_info() -> tuple[list[int], dict[str, str]]:
+    return list(_PassesSeen.seen), dist_autograd._get_debug_info()
+
+
+def check_debug_info_and_max_id() -> dict[str, Any]:
+    """torch's private counters: passes running on a worker during its part of a pass, none
+    after; the largest id this worker can make."""
+    a, b = _leaves(3, count=2, seed=21)
+    with dist_autograd.context() as cid:
+        x = rpc.rpc_sync("worker1", passes_seen_mul_add, args=(a, b))
+        dist_autograd.backward(cid, [x.sum()])
+        during, after = rpc.rpc_sync("worker1", passes_seen_and_debug_info)
+        return {
+            "during": during,
+            "after_remote": after,
+            "after_here": dist_autograd._get_debug_info(),
+            "max_id": dist_autograd._get_max_id(),
+            "cid": cid,
+        }

@@ -107,8 +107,14 @@ def test_errors_are_torchs(group: Group) -> None:
     expected = {
         "unknown_id": ("builtins.RuntimeError", "Could not find autograd context with id"),
         "gradients_unknown_id": ("builtins.RuntimeError", "with id: 12345"),
-        "roots_none": ("builtins.TypeError", "roots must be a list of scalar tensors"),
-        "id_none": ("builtins.TypeError", "an autograd context id is an int"),
+        "roots_none": (
+            "builtins.TypeError",
+            "incompatible function arguments: roots must be a list of scalar tensors",
+        ),
+        "id_none": (
+            "builtins.TypeError",
+            "incompatible function arguments: an autograd context id is an int",
+        ),
         "roots_empty": ("builtins.RuntimeError", "No tensors provided for gradient computation"),
         "no_requires_grad": ("builtins.RuntimeError", "requires_grad not set on root 0"),
         "not_scalar": ("builtins.RuntimeError", "is not a scalar, all roots need to be scalar"),
@@ -167,3 +173,13 @@ def test_leaf_hooks_run_and_dot_grad_is_kept(group: Group) -> None:
     kept_a, kept_b = out["dot_grad"]
     assert kept_a is None
     torch.testing.assert_close(kept_b, torch.full((3,), 7.0))
+
+
+def test_debug_info_counts_running_passes_and_max_id(group: Group) -> None:
+    out = group.call(0, ag.check_debug_info_and_max_id)
+    assert out["during"] == [1]
+    for info in (out["after_remote"], out["after_here"]):
+        assert info["num_current_backward_passes"] == "0"
+        assert int(info["num_autograd_contexts"]) >= 1  # the test's context is still open
+    assert out["max_id"] == (1 << 48) - 1  # worker0: rank 0 in the top 16 bits
+    assert 0 <= out["cid"] <= out["max_id"]

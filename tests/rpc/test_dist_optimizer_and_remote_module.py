@@ -57,6 +57,9 @@ def test_remote_module(group: Group) -> None:
         assert "builtins.RuntimeError" in out["cuda"].bases
         assert "has no CUDA device" in out["cuda"].message
     assert "module_cls must make an nn.Module" in out["not_a_module"].message
+    assert "Expect `module_cls(*args, **kwargs)` returns an instance of <class nn.Module>," in (
+        out["not_a_module"].message
+    )
     _assert_same([out["shared"]])  # a second RemoteModule on the same (trained) module
 
 

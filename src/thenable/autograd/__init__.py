@@ -119,6 +119,16 @@ def _is_valid_context(context_id: int) -> bool:
     return _table().get(context_id) is not None
 
 
+def _get_max_id() -> int:
+    """The largest context id this worker can make (torch's private helper)."""
+    return _table().max_id
+
+
 def _get_debug_info() -> dict[str, str]:
-    """Counts, as torch's (strings, as torch gives them)."""
-    return {"num_autograd_contexts": str(len(_table()))}
+    """Counts, as torch's (strings, as torch gives them): contexts alive on this worker and
+    its parts of backward passes still running."""
+    found = _table()
+    return {
+        "num_current_backward_passes": str(found.passes_running),
+        "num_autograd_contexts": str(len(found)),
+    }

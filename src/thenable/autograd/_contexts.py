@@ -159,11 +159,34 @@ class ContextTable:
         # must not make the context again.
         self._released: collections.OrderedDict[int, None] = collections.OrderedDict()
         base = rank << _ID_BITS
+        self._max_id = base + (1 << _ID_BITS) - 1
         self._context_ids = itertools.count(base)
         self._message_ids = itertools.count(base)
+        self._passes_running: collections.Counter[int] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._contexts)
+
+    @property
+    def max_id(self) -> int:
+        """The largest context id this worker can hand out (its rank in the top 16 bits)."""
+        return self._max_id
+
+    @property
+    def passes_running(self) -> int:
+        """The backward passes this worker has a part in that is not done yet (torch's count:
+        contexts, however many of their gradient messages are being worked on here)."""
+        return len(self._passes_running)
+
+    def pass_started(self, context_id: int) -> None:
+        with self._lock:
+            self._passes_running[context_id] += 1
+
+    def pass_ended(self, context_id: int) -> None:
+        with self._lock:
+            self._passes_running[context_id] -= 1
+            if not self._passes_running[context_id]:
+                del self._passes_running[context_id]
 
     def new(self) -> DistAutogradContext:
         context = DistAutogradContext(next(self._context_ids))
@@ -192,8 +215,9 @@ class ContextTable:
         """The context, or torch's RuntimeError for an unknown or released id."""
         if not isinstance(context_id, int) or isinstance(context_id, bool):
             raise TypeError(
-                f"an autograd context id is an int (from `with dist_autograd.context() as "
-                f"context_id`), got {type(context_id).__qualname__}"
+                "incompatible function arguments: an autograd context id is an int (from "
+                f"`with dist_autograd.context() as context_id`), got "
+                f"{type(context_id).__qualname__}"
             )
         context = self._contexts.get(context_id)
         if context is None:

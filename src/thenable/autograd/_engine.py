@@ -44,8 +44,8 @@ def check_roots(roots: object) -> list[Any]:
     """The roots as a list, or torch's errors for bad ones."""
     if not isinstance(roots, (list, tuple)):
         raise TypeError(
-            f"roots must be a list of scalar tensors, got {type(roots).__qualname__} "
-            "(torch: incompatible function arguments)"
+            "incompatible function arguments: roots must be a list of scalar tensors, got "
+            f"{type(roots).__qualname__}"
         )
     if not roots:
         raise RuntimeError("No tensors provided for gradient computation: roots is empty")
@@ -88,7 +88,22 @@ def local_pass(
     agent: Agent, context: DistAutogradContext, seeds: list[tuple[Any, Any]]
 ) -> Future[None]:
     """Run this worker's part of the pass from ``(tensor, gradient)`` pairs; the Future is done
-    when the gradients reached every leaf, here and on the workers they came from."""
+    when the gradients reached every leaf, here and on the workers they came from.  Counted in
+    the debug info's ``num_current_backward_passes`` until then."""
+    passes, context_id = _contexts.table(agent), context._id
+    passes.pass_started(context_id)
+    try:
+        done = _run_pass(agent, context, seeds)
+    except BaseException:
+        passes.pass_ended(context_id)
+        raise
+    done.add_done_callback(lambda _: passes.pass_ended(context_id))
+    return done
+
+
+def _run_pass(
+    agent: Agent, context: DistAutogradContext, seeds: list[tuple[Any, Any]]
+) -> Future[None]:
     outputs = [tensor for tensor, grad in seeds if grad is not None]
     output_grads = [grad for _, grad in seeds if grad is not None]
     leaf_grads: list[tuple[Any, Any]] = []

@@ -98,7 +98,9 @@ def _create_module(
     module = module_cls(*args, **kwargs)
     if not isinstance(module, nn.Module):
         raise ValueError(
-            f"module_cls must make an nn.Module, {module_cls!r} made a {type(module).__qualname__}"
+            "Expect `module_cls(*args, **kwargs)` returns an instance of <class nn.Module>, "
+            f"but it returns an instance of {type(module)}: module_cls must make an nn.Module, "
+            f"{module_cls!r} made a {type(module).__qualname__}"
         )
     return RRef(module.to(target))
 
