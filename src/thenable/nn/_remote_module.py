@@ -99,8 +99,8 @@ def _create_module(
     if not isinstance(module, nn.Module):
         raise ValueError(
             "Expect `module_cls(*args, **kwargs)` returns an instance of <class nn.Module>, "
-            f"but it returns an instance of {type(module)}: module_cls must make an nn.Module, "
-            f"{module_cls!r} made a {type(module).__qualname__}"
+            f"but {module_cls!r} made a {type(module).__qualname__}: module_cls must make an "
+            "nn.Module"
         )
     return RRef(module.to(target))
 
