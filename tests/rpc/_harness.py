@@ -172,6 +172,15 @@ def join_thenable_threads(timeout: float) -> list[str]:
     return sorted(t.name for t in threading.enumerate() if t.name.startswith("thenable"))
 
 
+def report(what: str, **numbers: Any) -> None:
+    """Print numbers a test measured, one line tagged ``[measured]`` (shown by ``pytest -s``):
+    bounds are what the tests assert, these are what the README quotes."""
+    shown = ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()
+    )
+    print(f"\n[measured] {what}: {shown}")
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

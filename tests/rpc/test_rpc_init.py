@@ -172,6 +172,13 @@ def test_bad_rank_or_world_size_is_a_clear_value_error(
         ({"busy_poll_us": False}, TypeError, "busy_poll_us must be an int"),
         ({"busy_poll_us": -1}, ValueError, "busy_poll_us must be between 0 (never poll)"),
         ({"busy_poll_us": 2_000_000}, ValueError, "and 1000000, got 2000000"),
+        ({"max_send_queue_bytes": 1.5e9}, TypeError, "max_send_queue_bytes must be an int"),
+        ({"max_send_queue_bytes": True}, TypeError, "max_send_queue_bytes must be an int"),
+        ({"max_send_queue_bytes": 4096}, ValueError, "at least 1 MiB (1048576), got 4096"),
+        ({"heartbeat_s": "10"}, TypeError, "heartbeat_s must be seconds, got '10'"),
+        ({"heartbeat_s": True}, TypeError, "heartbeat_s must be seconds"),
+        ({"heartbeat_s": 0.01}, ValueError, "0 (no heartbeat) or between 0.1 and 3600"),
+        ({"heartbeat_s": -1}, ValueError, "got -1"),
         ({"devices": ["cuda:0"]}, NotImplementedError, "move tensors to CPU"),
     ],
 )

@@ -24,6 +24,7 @@ from thenable.rpc._errors import RendezvousError as RendezvousError
 from thenable.rpc._errors import RpcConnectionError as RpcConnectionError
 from thenable.rpc._errors import RpcError as RpcError
 from thenable.rpc._errors import RpcTimeoutError as RpcTimeoutError
+from thenable.rpc._errors import SendQueueFullError as SendQueueFullError
 from thenable.rpc._errors import SerializationError as SerializationError
 from thenable.rpc._errors import UnknownWorkerError as UnknownWorkerError
 from thenable.rpc._errors import WorkerNameError as WorkerNameError
@@ -57,6 +58,7 @@ __all__ = (
     "RpcConnectionError",
     "RpcError",
     "RpcTimeoutError",
+    "SendQueueFullError",
     "SerializationError",
     "TensorPipeRpcBackendOptions",
     "UnknownWorkerError",

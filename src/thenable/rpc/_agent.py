@@ -38,6 +38,7 @@ from thenable.rpc._errors import (
     RpcConnectionError,
     RpcError,
     RpcTimeoutError,
+    SendQueueFullError,
     SerializationError,
     UnknownWorkerError,
 )
@@ -318,13 +319,19 @@ class Agent:
                 self._issued += 1
         if timeout > 0:
             self._deadlines.add(request_id, timeout)
+        # A request that carries no RRef and no autograd bookkeeping may be taken back, unsent,
+        # when it times out while queued for a peer that does not read (see _expire).
+        droppable = extra is None and record is _context.NO_FORKS
         try:
-            link.send(MessageKind.REQUEST, request_id, header, buffers)
+            link.send(MessageKind.REQUEST, request_id, header, buffers, droppable=droppable)
         except ConnectionError as exc:
             record.unsent()
+            error_type = SendQueueFullError if isinstance(exc, SendQueueFullError) else None
             self._fail(
                 request_id,
-                RpcConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}"),
+                (error_type or RpcConnectionError)(
+                    f"{_describe_call(self, fn, to_rank)} failed: {exc}"
+                ),
             )
         else:
             record.sent()
@@ -347,6 +354,10 @@ class Agent:
     def _expire(self, request_id: int, timeout: float) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            # Still queued, untouched, for a peer that does not read: it is never sent.
+            pending.link.drop(request_id)
+        with self._lock:
             if pending is not None and pending.holds is not None:
                 # The callee may not have read the request yet: the RRefs it carries stay
                 # alive until its late reply comes (or the connection goes), see _rref.
@@ -473,6 +484,8 @@ class Agent:
             description=f"{peer_name} (rank {peer_rank})",
             descriptors=peer.descriptors,
             busy_poll_s=self.options.busy_poll_us / 1e6,
+            max_send_queue_bytes=self.options.max_send_queue_bytes,
+            heartbeat_s=self.options.heartbeat_s,
         )
         with self._lock:
             refused = self._state is AgentState.SHUT_DOWN
@@ -754,10 +767,14 @@ class _LocalLink:
         buffers: Sequence[memoryview] = (),
         *,
         defer: bool = False,
+        droppable: bool = False,
     ) -> None:
         copies = [memoryview(bytearray(b)) for b in buffers]  # the callee owns its data
         message = Message(kind, request_id, 0, memoryview(header), copies)
         self._agent._on_message(self, message)
+
+    def drop(self, request_id: int) -> bool:
+        return False  # delivered at once: nothing ever waits
 
 
 class _Deadlines:

@@ -10,7 +10,10 @@ What raises what (torch raises ``RuntimeError`` in each case, or where noted):
 
 - ``RpcTimeoutError``: a call runs past its timeout; ``init_rpc`` or a graceful ``shutdown``
   runs out of time.
-- ``RpcConnectionError``: the peer died, the connection broke, RPC shut down under a call.
+- ``RpcConnectionError``: the peer died, the connection broke, the peer stopped answering
+  heartbeats, RPC shut down under a call.
+- ``SendQueueFullError`` (an ``RpcConnectionError``): the peer has not read what was sent to
+  it, and more than ``max_send_queue_bytes`` wait for it.
 - ``SerializationError``: an argument (torch: ``TypeError``), result or RRef cannot be
   pickled; the callee cannot load a call (a function it cannot import, say).
 - ``RemoteError``: a remote exception that cannot be re-created here.
@@ -29,6 +32,7 @@ __all__ = (
     "RpcConnectionError",
     "RpcError",
     "RpcTimeoutError",
+    "SendQueueFullError",
     "SerializationError",
     "UnknownWorkerError",
     "WorkerNameError",
@@ -45,6 +49,11 @@ class RpcTimeoutError(TimeoutError, RpcError):
 
 class RpcConnectionError(ConnectionError, RpcError):
     """A peer cannot be reached or went away (the message says which and why)."""
+
+
+class SendQueueFullError(RpcConnectionError):
+    """A peer does not read (frozen, overloaded) and the bytes waiting for it would exceed
+    ``RpcBackendOptions.max_send_queue_bytes``: the call fails at once instead of queueing."""
 
 
 class SerializationError(TypeError, RpcError):

@@ -12,7 +12,9 @@ from thenable.rpc._errors import WorkerNameError
 
 __all__ = (
     "DEFAULT_BUSY_POLL_US",
+    "DEFAULT_HEARTBEAT_S",
     "DEFAULT_INIT_METHOD",
+    "DEFAULT_MAX_SEND_QUEUE_BYTES",
     "DEFAULT_NUM_WORKER_THREADS",
     "DEFAULT_RPC_TIMEOUT_SEC",
     "RpcBackendOptions",
@@ -26,6 +28,11 @@ DEFAULT_RPC_TIMEOUT_SEC = 60.0
 DEFAULT_INIT_METHOD = "env://"
 DEFAULT_BUSY_POLL_US = 500
 DEFAULT_NUM_WORKER_THREADS = 16
+# Room for a few large tensors waiting for a slow peer, not for an unbounded pile-up.
+DEFAULT_MAX_SEND_QUEUE_BYTES = 256 << 20
+# A frozen peer is declared unreachable after 3 heartbeats of silence: 30 s, half torch's
+# default call timeout, and long enough for a peer stuck a while in one GIL-holding call.
+DEFAULT_HEARTBEAT_S = 10.0
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
@@ -122,6 +129,17 @@ class RpcBackendOptions:
             microseconds on a virtual machine, more than a whole no-op call.  Connections
             whose messages come further apart poll once in 16 waits, and an idle process uses
             no CPU.  0: never poll.
+        max_send_queue_bytes: how many bytes may wait, per peer, for a peer that does not
+            read (frozen, overloaded) before new calls to it fail at once with
+            ``SendQueueFullError`` instead of queueing more (a single larger message is still
+            taken when nothing waits).  Sending never blocks the caller: what the socket does
+            not take waits in this queue, written by the connection's own thread.
+        heartbeat_s: how often (seconds) a connection that has heard nothing from its peer
+            for that long asks it for a sign of life; a peer that stays silent (frozen, or on a
+            host that vanished without a reset) is declared unreachable after three to three
+            and a half times as long, and every call waiting on it fails with
+            ``RpcConnectionError``.  0: no heartbeat (a
+            frozen peer is then noticed only by each call's own timeout).
         device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
             sent yet, so they must stay empty.
     """
@@ -133,6 +151,8 @@ class RpcBackendOptions:
     max_message_bytes: int = 1 << 30
     same_host_ipc: bool = True
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    max_send_queue_bytes: int = DEFAULT_MAX_SEND_QUEUE_BYTES
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
     device_maps: dict[str, Any] = dataclasses.field(default_factory=dict)
     devices: list[Any] = dataclasses.field(default_factory=list)
 
@@ -164,6 +184,24 @@ class RpcBackendOptions:
         if not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError(
                 f"busy_poll_us must be between 0 (never poll) and 1000000, got {self.busy_poll_us}"
+            )
+        if isinstance(self.max_send_queue_bytes, bool) or not isinstance(
+            self.max_send_queue_bytes, int
+        ):
+            raise TypeError(
+                f"max_send_queue_bytes must be an int (bytes), got {self.max_send_queue_bytes!r}"
+            )
+        if self.max_send_queue_bytes < 1 << 20:
+            raise ValueError(
+                "max_send_queue_bytes must be at least 1 MiB (1048576), got "
+                f"{self.max_send_queue_bytes}"
+            )
+        if isinstance(self.heartbeat_s, bool) or not isinstance(self.heartbeat_s, (int, float)):
+            raise TypeError(f"heartbeat_s must be seconds, got {self.heartbeat_s!r}")
+        if not (self.heartbeat_s == 0 or 0.1 <= self.heartbeat_s <= 3600):
+            raise ValueError(
+                f"heartbeat_s must be 0 (no heartbeat) or between 0.1 and 3600 seconds, got "
+                f"{self.heartbeat_s}"
             )
         if self.device_maps or self.devices:
             raise NotImplementedError(

@@ -163,6 +163,7 @@ class Staged:
     segment_id: int
     descriptor: bytes
     fd: int | None
+    retired: tuple[int, ...] = ()  # the retirements the descriptor announces
 
 
 class Outbox:
@@ -206,7 +207,7 @@ class Outbox:
             + [_ID.pack(segment_id) for segment_id in retired]
             + [_PART.pack(offset, length) for offset, length in zip(offsets, lengths, strict=True)]
         )
-        return Staged(segment.id, descriptor, fd)
+        return Staged(segment.id, descriptor, fd, tuple(retired))
 
     def _claim(self, nbytes: int) -> tuple[_Segment | None, int | None]:
         """A free segment of at least ``nbytes`` (new: with its descriptor), marked busy."""
@@ -256,6 +257,23 @@ class Outbox:
             segment = self._segments.get(staged.segment_id)
             if segment is not None:
                 self._retire(segment)
+
+    def withdraw(self, staged: Staged) -> None:
+        """``staged`` will never be sent (its call timed out while queued behind a peer that
+        does not read): its segment is free again, or gone if it was new (the peer never
+        heard of it), and the retirements it carried wait for the next announcement."""
+        with self._lock:
+            self._retired[:0] = staged.retired
+            segment = self._segments.get(staged.segment_id)
+            if segment is None or self._closed:
+                return
+            if staged.fd is not None:
+                del self._segments[segment.id]
+                segment.mapping.close()
+            else:
+                segment.busy = False
+                segment.free_since = time.monotonic()
+                _SPARES.add(self, segment)
 
     def release(self, segment_id: int) -> list[int]:
         """The peer has dropped everything it received in ``segment_id`` (its RELEASE).

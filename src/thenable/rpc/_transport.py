@@ -8,6 +8,20 @@ messages) and hands each message to the owner's ``on_message``.  Senders write f
 threads under a per-connection lock with scatter/gather ``sendmsg``, so large buffers are never
 copied; frames without buffers are queued and written in batches by whoever holds the lock.
 
+Sending never blocks the caller on its peer.  Every write is non-blocking; a sender whose frame
+the socket does not take waits at most ``_PATIENCE_S`` for it to take more (a healthy peer
+reads that fast), then leaves the rest (copied, when it is the caller's memory) in the
+connection's *backlog*, which a writer thread of the connection's own drains as the peer reads.
+While the backlog is not empty, new frames join it, in order.  It holds at most
+``max_send_queue_bytes``: beyond that a send fails at once (``SendQueueFullError``).  A request
+whose call times out while its frame waits, untouched, in the backlog is taken out of it
+(``drop``); a frame begun is always finished (or the connection closed), never cut.
+
+A heartbeat finds peers that are frozen or gone without a reset: a connection that has heard
+nothing for ``heartbeat_s`` sends a PING (any frame answers it: the peer replies PONG), and one
+silent for ``_HEARTBEAT_MISSES`` times as long, its PING unanswered, is closed, so the calls
+waiting on it fail.
+
 ``on_message`` runs in the reader thread.  If it blocks in ``Future.wait`` (a user callback of an
 RPC future calling ``rpc_sync``, say), the reader hands its job to a fresh reader thread first
 (leader/follower), so a blocked callback never stops the connection from delivering the very
@@ -32,8 +46,10 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -43,6 +59,7 @@ from typing import Any
 
 from thenable._future import _PER_THREAD
 from thenable.rpc import _recycled, _shm
+from thenable.rpc._errors import SendQueueFullError
 from thenable.rpc._protocol import (
     Connection,
     ConnectionClosed,
@@ -64,8 +81,29 @@ _LONG_WAITS = 2
 _PROBE_EVERY = 16
 # How long a clean close waits to write the frames still queued.
 _FLUSH_TIMEOUT_S = 1.0
+# How long a sender waits for the socket to take more of its frame before it leaves the rest to
+# the connection's writer thread (a peer that reads at all drains a socket buffer much faster).
+_PATIENCE_S = 0.05
+# The flags of heartbeat CONTROL frames (beside _shm's): a PING asks for a PONG.
+FLAG_PING = 0x10
+FLAG_PONG = 0x20
+# A peer silent for this many heartbeat intervals is declared unreachable.
+_HEARTBEAT_MISSES = 3
 MessageHandler = Callable[["PeerConnection", Message], None]
 ClosedHandler = Callable[["PeerConnection", BaseException | None], None]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Frame:
+    """A frame, or what is left of it, in a connection's backlog (see the module docstring)."""
+
+    views: list[memoryview]
+    nbytes: int
+    fd: int | None = None  # a shared memory descriptor, to go with its first byte
+    staged: _shm.Staged | None = None  # its shared memory, given back if it is dropped
+    key: int | None = None  # the request id by which it may be dropped, until started
+    started: bool = False  # some of it is written: it must be finished
+    dropped: bool = False
 
 
 class PeerConnection:
@@ -82,9 +120,13 @@ class PeerConnection:
         description: str,
         descriptors: Sequence[int] = (),
         busy_poll_s: float = 0.0,
+        max_send_queue_bytes: int = 256 << 20,
+        heartbeat_s: float = 0.0,
     ) -> None:
         """``descriptors``: file descriptors received during the handshake; owned from now.
         ``busy_poll_s``: how long the reader may poll for a frame before it sleeps (0: never).
+        ``max_send_queue_bytes``: the bound of the backlog; ``heartbeat_s``: the heartbeat's
+        interval (0: none).  See the module docstring.
         """
         self._sock = sock
         self._busy_poll_s = busy_poll_s
@@ -119,6 +161,16 @@ class PeerConnection:
         self._queue: collections.deque[list[bytes | memoryview]] = collections.deque()
         # The oldest queued frame at the watchdog's last look (see _left_behind).
         self._head_at_last_look: list[bytes | memoryview] | None = None
+        # What the socket did not take yet, in order, and its size (send lock held).
+        self._backlog: collections.deque[_Frame] = collections.deque()
+        self._backlog_bytes = 0
+        self._max_backlog_bytes = max_send_queue_bytes
+        self._droppable: dict[int, _Frame] = {}  # backlog frames not started, by request id
+        self._writer: threading.Thread | None = None  # drains the backlog; started lazily
+        self._backlog_waits = threading.Event()  # set while the backlog is not empty
+        self._heartbeat_s = heartbeat_s
+        self._heard = time.monotonic()  # when the peer last sent anything
+        self._pinged = 0.0  # when we last sent a PING
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -145,39 +197,57 @@ class PeerConnection:
         buffers: Sequence[memoryview] = (),
         *,
         defer: bool = False,
+        droppable: bool = False,
     ) -> None:
-        """Send one message; raises ConnectionError if the connection is (or becomes) broken.
+        """Send one message, without blocking on the peer (see the module docstring).
 
         A message without buffers (its header is an immutable bytes object) may be written
         later by another thread, batched with others, so that threads replying on one
         connection never queue up on its lock; with ``defer``, it waits for the next frame
         sent on this connection (or the watchdog, within ``2 * INLINE_PATIENCE_S``), which saves
-        a write when one follows soon.  A message with buffers is written before this
-        returns: the buffers are the caller's memory, which may change afterwards.
+        a write when one follows soon.  A message with buffers is written, staged in shared
+        memory or copied into the backlog before this returns: the buffers are the caller's
+        memory, which may change afterwards.  With ``droppable``, ``drop(request_id)`` may take
+        the message back while it waits untouched in the backlog.
+
+        Raises:
+            SendQueueFullError: the backlog is full (the peer does not read).
+            ConnectionError: the connection is (or becomes) broken.
         """
         if self._closed:
             raise ConnectionError(f"connection to {self.description} is closed")
+        key = request_id if droppable else None
+        frame: list[bytes | memoryview] | None = None
         if not buffers:
             frame = self._protocol.send_message(kind, request_id, header)
             if defer:
                 self._queue.append(frame)
                 _WATCHDOG.arm()
-            elif not self._queue and self._send_lock.acquire(blocking=False):
-                self._unlock_send(frame)  # the common case: written at once, by this thread
-            else:
-                self._enqueue(frame)
-            return
+                return
+            if not self._backlog_bytes:  # (else it joins the backlog, below)
+                if not self._queue and self._send_lock.acquire(blocking=False):
+                    self._unlock_send(frame)  # the common case: written at once, by this thread
+                else:
+                    self._enqueue(frame)
+                return
+            self._check_room(len(header))
+        else:
+            self._check_room(len(header) + sum(buffer.nbytes for buffer in buffers))
         self._send_lock.acquire()
         error: BaseException | None = None
         try:
             if self._closed:
                 raise ConnectionError(f"connection to {self.description} is closed")
-            staged = self._outbox.stage(buffers) if self._outbox is not None else None
+            staged = None
+            if frame is None:
+                staged = self._outbox.stage(buffers) if self._outbox is not None else None
+                if staged is None:
+                    frame = self._protocol.send_message(kind, request_id, header, buffers)
             if staged is None:
-                parts = self._protocol.send_message(kind, request_id, header, buffers)
-                _send_all(self._sock, self._take_queued() + parts)  # queued frames go first
+                assert frame is not None
+                self._write(frame, key=key)
             else:
-                self._send_staged(kind, request_id, header, staged)
+                self._send_staged(kind, request_id, header, staged, key)
         except OSError as exc:
             error = exc
         finally:
@@ -186,8 +256,25 @@ class PeerConnection:
             self.close(error)
             raise ConnectionError(f"sending to {self.description} failed: {error}") from error
 
+    def _check_room(self, nbytes: int) -> None:
+        """Refuse a message of ``nbytes`` that would overfill the backlog (one that finds it
+        empty is taken whatever its size: it could never be sent otherwise)."""
+        waiting = self._backlog_bytes
+        if waiting and waiting + nbytes > self._max_backlog_bytes:
+            raise SendQueueFullError(
+                f"{self.description} is not reading: {waiting} bytes already wait for it, and "
+                f"{nbytes} more would exceed max_send_queue_bytes={self._max_backlog_bytes}; "
+                "retry once earlier calls to it have completed, or raise "
+                "RpcBackendOptions.max_send_queue_bytes"
+            )
+
     def _send_staged(
-        self, kind: MessageKind, request_id: int, header: bytes, staged: _shm.Staged
+        self,
+        kind: MessageKind,
+        request_id: int,
+        header: bytes,
+        staged: _shm.Staged,
+        key: int | None,
     ) -> None:
         """Send a message whose buffers wait in shared memory (send lock held)."""
         assert self._outbox is not None
@@ -195,15 +282,175 @@ class PeerConnection:
             parts = self._protocol.send_message(
                 kind, request_id, header, [memoryview(staged.descriptor)], flags=_shm.FLAG_STAGED
             )
-            # The descriptor arrives with the queued frames' bytes, and waits in the peer's
-            # Inbox for this frame.
-            _send_all(self._sock, self._take_queued() + parts, staged.fd)
         except BaseException:
             self._outbox.abandon(staged)
-            raise
-        finally:
             if staged.fd is not None:
                 os.close(staged.fd)
+            raise
+        # The descriptor arrives with the queued frames' bytes, and waits in the peer's
+        # Inbox for this frame.
+        self._write(parts, staged.fd, staged, key)
+
+    def _write(
+        self,
+        parts: list[bytes | memoryview],
+        fd: int | None = None,
+        staged: _shm.Staged | None = None,
+        key: int | None = None,
+    ) -> None:
+        """Write one frame, after the queued ones, without blocking on the peer: what the
+        socket does not take within ``_PATIENCE_S`` goes to the backlog (send lock held).
+        This owns ``fd`` (closed once sent)."""
+        if self._backlog:
+            self._queued_to_backlog()
+            self._to_backlog(parts, fd, staged, key)
+            return
+        total = 0 if key is None else sum(memoryview(part).nbytes for part in parts)
+        if self._queue:
+            parts = self._take_queued() + parts
+            key = None  # (batched: not taken apart again)
+        try:
+            left, fd_sent = _send_some(self._sock, parts, fd)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            if staged is not None and self._outbox is not None:
+                self._outbox.abandon(staged)
+            raise
+        if fd is not None and fd_sent:
+            os.close(fd)
+            fd = None
+        if left:
+            untouched = key is not None and sum(view.nbytes for view in left) == total
+            self._to_backlog(left, fd, staged, key if untouched else None, started=not untouched)
+
+    def _to_backlog(
+        self,
+        parts: Sequence[bytes | memoryview],
+        fd: int | None,
+        staged: _shm.Staged | None,
+        key: int | None,
+        started: bool = False,
+    ) -> None:
+        """Put (the rest of) a frame at the end of the backlog, in memory of its own, and have
+        the writer thread write it (send lock held)."""
+        views = [_owned(part) for part in parts]
+        frame = _Frame(views, sum(view.nbytes for view in views), fd, staged, key, started)
+        self._backlog.append(frame)
+        self._backlog_bytes += frame.nbytes
+        if key is not None and not started:
+            self._droppable[key] = frame
+        self._backlog_waits.set()
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._write_loop, name=f"thenable-rpc-writer {self.description}", daemon=True
+            )
+            self._writer.start()
+
+    def _queued_to_backlog(self) -> None:
+        """Move the queued frames behind the backlog, in order (send lock held)."""
+        while self._queue:
+            self._to_backlog(self._queue.popleft(), None, None, None)
+
+    def _drain(self) -> bool:
+        """Write as much of the backlog as the socket takes now; whether it is empty (send
+        lock held).  A descriptor goes with the first byte of its frame's write."""
+        backlog = self._backlog
+        while backlog:
+            frames: list[_Frame] = []
+            views: list[memoryview] = []
+            fd = None
+            for frame in backlog:
+                if frame.dropped:
+                    continue
+                if frame.fd is not None:
+                    if frames:
+                        break  # its descriptor starts the next write
+                    fd = frame.fd
+                frames.append(frame)
+                views += frame.views
+                if len(views) >= _IOV_MAX:
+                    break
+            if not frames:
+                backlog.clear()
+                break
+            ancillary = [] if fd is None else _rights(fd)
+            try:
+                sent = self._sock.sendmsg(views[:_IOV_MAX], ancillary, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            if fd is not None:
+                os.close(fd)
+                frames[0].fd = None
+            for frame in frames:
+                if not sent:
+                    break
+                if not frame.started:
+                    frame.started = True
+                    if frame.key is not None:
+                        self._droppable.pop(frame.key, None)
+                taken = min(sent, frame.nbytes)
+                _advance(frame.views, taken)
+                frame.nbytes -= taken
+                self._backlog_bytes -= taken
+                sent -= taken
+            while backlog and (backlog[0].dropped or not backlog[0].nbytes):
+                backlog.popleft()
+        return True
+
+    def drop(self, request_id: int) -> bool:
+        """Take back a droppable message that waits untouched in the backlog (its call timed
+        out): whether it was taken.  A message begun, or already written, is not."""
+        if request_id not in self._droppable:
+            return False
+        with self._send_lock:
+            frame = self._droppable.pop(request_id, None)
+            if frame is None or frame.started or frame.dropped:
+                return False
+            frame.dropped = True
+            self._backlog_bytes -= frame.nbytes
+            frame.views = []
+            frame.nbytes = 0
+            if frame.fd is not None:
+                os.close(frame.fd)
+                frame.fd = None
+            if frame.staged is not None and self._outbox is not None:
+                self._outbox.withdraw(frame.staged)
+        return True
+
+    def _write_loop(self) -> None:
+        """The writer thread: drains the backlog as the socket takes it, until closed."""
+        poller = select.poll()
+        with contextlib.suppress(ValueError):  # (closed already: the loop ends at once)
+            poller.register(self._sock.fileno(), select.POLLOUT)
+        while True:
+            self._backlog_waits.wait()
+            if self._closed:
+                return
+            poller.poll(1000)  # until the socket takes more (or a second: look at _closed)
+            self._send_lock.acquire()
+            error: OSError | None = None
+            try:
+                if not self._closed and self._drain():
+                    self._backlog_waits.clear()
+            except OSError as exc:
+                error = exc
+            finally:
+                self._unlock_send()
+            if error is not None:
+                self.close(error)
+                return
+
+    def _discard_backlog(self) -> None:
+        """The connection is closed: what waits is never sent (send lock held)."""
+        for frame in self._backlog:
+            if frame.fd is not None:
+                os.close(frame.fd)
+                frame.fd = None
+        self._backlog.clear()
+        self._droppable.clear()
+        self._backlog_bytes = 0
+        self._backlog_waits.set()  # (the writer thread wakes and ends)
 
     def _release(self, segment_id: int) -> None:
         """Queue a RELEASE of a segment: it goes out with the next frame sent on this
@@ -240,7 +487,10 @@ class PeerConnection:
     def _write_queued(self) -> None:
         """Write every queued frame, many per system call (send lock held)."""
         while self._queue:
-            _send_all(self._sock, self._take_queued())
+            if self._backlog:
+                self._queued_to_backlog()
+                return
+            self._write(self._take_queued())
 
     def _take_queued(self) -> list[bytes | memoryview]:
         """The parts of (up to ``_IOV_MAX`` parts' worth of) queued frames, in order."""
@@ -262,7 +512,7 @@ class PeerConnection:
             try:
                 if not self._closed:
                     if first is not None:
-                        _send_all(self._sock, first)
+                        self._write(first)
                         first = None
                     self._write_queued()
             except OSError as exc:
@@ -281,7 +531,7 @@ class PeerConnection:
         """Close the socket (once) and report it through ``on_closed``.
 
         A clean close (no ``error``) first writes the frames still queued (replies sent just
-        before a graceful shutdown), waiting at most ``_FLUSH_TIMEOUT_S`` for the send lock.
+        before a graceful shutdown) and the backlog, waiting at most ``_FLUSH_TIMEOUT_S``.
         """
         with self._state_lock:
             if self._closing:
@@ -290,11 +540,12 @@ class PeerConnection:
                 return
             self._closing = True
             self._closer = threading.current_thread()
+        deadline = time.monotonic() + _FLUSH_TIMEOUT_S
         locked = self._send_lock.acquire(timeout=_FLUSH_TIMEOUT_S if error is None else 0)
         try:
             if locked and error is None:
                 with contextlib.suppress(OSError):
-                    self._write_queued()
+                    self._flush(deadline)
             self._closed = True
             with contextlib.suppress(OSError):  # already disconnected
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -306,6 +557,7 @@ class PeerConnection:
         finally:
             if locked:
                 self._queue.clear()
+                self._discard_backlog()
                 self._send_lock.release()
         if self._inbox is not None:
             self._inbox.close()
@@ -313,6 +565,40 @@ class PeerConnection:
         self._closed_event.set()
         _WATCHDOG.arm()  # (its thread ends once no connection is open)
         self._on_closed(self, error)
+
+    def _flush(self, deadline: float) -> None:
+        """Write the queued frames and the backlog, until ``deadline`` (send lock held)."""
+        self._write_queued()
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLOUT)
+        while not self._drain():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            poller.poll(left * 1000)
+
+    def _check_heartbeat(self, now: float) -> None:
+        """The watchdog's look: PING a peer silent for a heartbeat; close the connection to
+        one silent for ``_HEARTBEAT_MISSES`` of them that left a PING unanswered (in a
+        thread: closing takes locks).  The watchdog looks at least twice a heartbeat."""
+        interval = self._heartbeat_s
+        if not interval or self._closing:
+            return
+        silent = now - self._heard
+        unanswered = (
+            self._pinged > self._heard and now - self._pinged >= (_HEARTBEAT_MISSES - 1) * interval
+        )
+        if silent >= _HEARTBEAT_MISSES * interval and unanswered:
+            error = ConnectionError(
+                f"{self.description} has sent nothing for {silent:.1f} s, not even an answer "
+                f"to heartbeats (heartbeat_s={interval}): it is frozen, overloaded or "
+                "unreachable"
+            )
+            _LOGGER.warning("dropping connection %s: %s", self.description, error)
+            threading.Thread(target=self.close, args=(error,), daemon=True).start()
+        elif silent >= interval and self._pinged <= self._heard:  # (none outstanding)
+            self._pinged = now
+            self._queue_control(0, FLAG_PING)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -456,7 +742,8 @@ class PeerConnection:
                     received = self._poll(view, began + busy_poll_s) if policy.poll() else None
                     if received is None:
                         received = self._receive(view)
-                    policy.waited(clock() - began)
+                    heard = self._heard = clock()
+                    policy.waited(heard - began)
                     if received:
                         protocol.buffer_updated(received)
                     else:
@@ -486,6 +773,10 @@ class PeerConnection:
     def _unwrap(self, message: Message) -> Message | None:
         """Resolve a shared-memory frame: a staged message's buffers, or None for a RELEASE."""
         flags = message.flags
+        if message.kind is MessageKind.CONTROL and flags in (FLAG_PING, FLAG_PONG):
+            if flags == FLAG_PING:
+                self._queue_control(0, FLAG_PONG)
+            return None
         if self._inbox is not None and self._outbox is not None:
             if flags == _shm.FLAG_RELEASE and message.kind is MessageKind.CONTROL:
                 for segment_id in self._outbox.release(message.request_id):
@@ -554,10 +845,11 @@ class _Watchdog:
     that were left unused for a while (``_shm.IDLE_S``, ``_recycled.IDLE_S``).
 
     When no connection runs a request inline or has frames queued, it dozes until
-    ``IDLE_CHECK_S`` passes or ``arm`` wakes it, so an idle process does not wake up a
-    hundred times a second.  Whoever makes work for it (``run_inline``, a queued frame)
-    calls ``arm`` afterwards; the watchdog announces ``dozing`` before its last look at the
-    connections, so either that look sees the work or ``arm`` sees ``dozing``.
+    ``IDLE_CHECK_S`` (or half the shortest heartbeat) passes or ``arm`` wakes it, so an idle
+    process does not wake up a hundred times a second.  Whoever makes work for it
+    (``run_inline``, a queued frame) calls ``arm`` afterwards; the watchdog announces
+    ``dozing`` before its last look at the connections, so either that look sees the work or
+    ``arm`` sees ``dozing``.
     """
 
     def __init__(self) -> None:
@@ -583,7 +875,7 @@ class _Watchdog:
                 self._thread.start()
 
     def _run(self) -> None:
-        idle_checked = time.monotonic()
+        idle_checked = last_look = time.monotonic()
         while True:
             with self._lock:
                 connections = [conn for conn in self._connections if not conn.closed]
@@ -596,7 +888,12 @@ class _Watchdog:
                 _recycled.drop_idle(now)
                 for conn in connections:
                     conn._retire_idle(now)
+            stalled = now - last_look > 3 * IDLE_CHECK_S  # this process (not a peer) stood still
+            last_look = now
             for conn in connections:
+                if stalled:
+                    conn._heard = max(conn._heard, now)
+                conn._check_heartbeat(now)
                 conn._check_inline(now)
                 if conn._left_behind():  # frames left for a sender that did not come
                     # (RELEASEs, deferred replies).  In a thread of its own: a write can
@@ -616,7 +913,7 @@ class _Watchdog:
         # The last look, after announcing the doze: work made from now on calls arm().
         woken = False
         if not any(_has_watchdog_work(conn) or conn.closed for conn in connections):
-            woken = self._wake.wait(IDLE_CHECK_S)
+            woken = self._wake.wait(_doze_s(connections))
         self.dozing = False
         self._wake.clear()
         if woken:
@@ -631,33 +928,71 @@ def _has_watchdog_work(conn: PeerConnection) -> bool:
     return conn._inline_since is not None or bool(conn._queue)
 
 
+def _doze_s(connections: list[PeerConnection]) -> float:
+    """How long the watchdog may doze: ``IDLE_CHECK_S``, or half the shortest heartbeat."""
+    beats = [conn._heartbeat_s for conn in connections if conn._heartbeat_s]
+    return min([IDLE_CHECK_S, *(beat / 2 for beat in beats)])
+
+
 _WATCHDOG = _Watchdog()
 
 
-def _send_all(sock: socket.socket, parts: list[bytes | memoryview], fd: int | None = None) -> None:
-    """Write every part with scatter/gather ``sendmsg``, resuming after partial writes.
+def _rights(fd: int) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that passes ``fd`` (SCM_RIGHTS) on a Unix-domain socket."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
 
-    ``fd``, if given, travels (SCM_RIGHTS) with the first byte, on a Unix-domain socket.
+
+def _owned(part: bytes | memoryview) -> memoryview:
+    """``part`` as bytes that nobody can change: itself if it is immutable, else a copy (the
+    caller's memory may change once ``send`` returns)."""
+    view = memoryview(part)
+    if type(view.obj) is bytes:
+        return view.cast("B")
+    return memoryview(view.tobytes())
+
+
+def _advance(views: list[memoryview], nbytes: int) -> None:
+    """Drop the first ``nbytes`` of ``views``, written."""
+    while nbytes:
+        first = views[0]
+        if nbytes >= first.nbytes:
+            nbytes -= first.nbytes
+            del views[0]
+        else:
+            views[0] = first[nbytes:]
+            nbytes = 0
+    while views and not views[0].nbytes:
+        del views[0]
+
+
+def _send_some(
+    sock: socket.socket, parts: list[bytes | memoryview], fd: int | None = None
+) -> tuple[list[memoryview], bool]:
+    """Write ``parts`` with non-blocking scatter/gather ``sendmsg``, resuming after partial
+    writes while the socket takes more within ``_PATIENCE_S``: what is left (empty when all
+    went), and whether ``fd`` went, with the first byte (SCM_RIGHTS, on a Unix-domain socket).
     """
     if fd is None and len(parts) == 1 and type(parts[0]) is bytes:  # a small frame
-        sent = sock.send(parts[0])
+        try:
+            sent = sock.send(parts[0], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
         if sent == len(parts[0]):
-            return
+            return [], True
         parts = [memoryview(parts[0])[sent:]]
     views = [memoryview(part).cast("B") for part in parts]
-    ancillary = []
-    if fd is not None:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    ancillary = [] if fd is None else _rights(fd)
+    poller: select.poll | None = None
     while views:
-        sent = sock.sendmsg(views[:_IOV_MAX], ancillary)
+        try:
+            sent = sock.sendmsg(views[:_IOV_MAX], ancillary, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLOUT)
+            if not poller.poll(_PATIENCE_S * 1000):
+                return views, not ancillary
+            continue
         ancillary = []
-        while sent:
-            first = views[0]
-            if sent >= first.nbytes:
-                sent -= first.nbytes
-                views.pop(0)
-            else:
-                views[0] = first[sent:]
-                sent = 0
-        while views and not views[0].nbytes:
-            views.pop(0)
+        _advance(views, sent)
+    return [], True
