@@ -63,31 +63,15 @@ def _finish(group: Group, graceful: bool = True) -> None:
 
 
 @TRANSPORTS
-def test_large_calls_to_a_frozen_peer_return_at_once_and_time_out(
-    make_group: GroupFactory, same_host_ipc: bool
+@pytest.mark.parametrize(
+    ("count", "nbytes", "budget_s"), [(40, MIB, 10.0), (5000, 0, 20.0)], ids=["large", "small"]
+)
+def test_calls_to_a_frozen_peer_return_at_once_and_time_out(
+    make_group: GroupFactory, same_host_ipc: bool, count: int, nbytes: int, budget_s: float
 ) -> None:
     group = _started(make_group, same_host_ipc)
     with frozen(group, 1):
-        out = group.call(0, fns.issue_calls, "worker1", 40, MIB, TIMEOUT_S, 10.0)
-        assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
-        assert out["longest_call_s"] < ISSUE_BOUND_S, out
-        assert out["outcomes"] == {"RpcTimeoutError"}, out
-        assert out["late"] < SLACK_S, out
-    report(
-        f"frozen peer, {out['issued']} rpc_async ({'unix+shm' if same_host_ipc else 'tcp'})",
-        longest_rpc_async_s=out["longest_call_s"],
-        latest_after_timeout_s=out["late"],
-    )
-    _finish(group)
-
-
-@TRANSPORTS
-def test_small_calls_to_a_frozen_peer_return_at_once_and_time_out(
-    make_group: GroupFactory, same_host_ipc: bool
-) -> None:
-    group = _started(make_group, same_host_ipc)
-    with frozen(group, 1):
-        out = group.call(0, fns.issue_calls, "worker1", 5000, 0, TIMEOUT_S, 20.0)
+        out = group.call(0, fns.issue_calls, "worker1", count, nbytes, TIMEOUT_S, budget_s)
         assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
         assert out["longest_call_s"] < ISSUE_BOUND_S, out
         assert out["outcomes"] == {"RpcTimeoutError"}, out

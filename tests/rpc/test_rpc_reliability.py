@@ -154,6 +154,14 @@ def _assert_fails_at_once(outcome: tuple[Any, float], dead: str) -> float:
 # -- kills --------------------------------------------------------------------------------------
 
 
+def _assert_survivors_serve(group: Group, a: int, b: int) -> None:
+    """Ranks ``a`` and ``b`` still serve each other, small calls and large ones."""
+    assert group.call(a, rel.timed_call, f"worker{b}")[0] == 2
+    assert group.call(b, rel.timed_call, f"worker{a}")[0] == 2
+    assert group.call(a, rel.echo_large, f"worker{b}", LARGE, 3) == 0
+    assert group.call(b, rel.echo_large, f"worker{a}", LARGE, 3) == 0
+
+
 @pytest.mark.parametrize("same_host_ipc", TRANSPORTS)
 def test_a_worker_killed_mid_traffic_fails_every_pending_call_within_the_bound(
     make_group: GroupFactory, same_host_ipc: bool
@@ -199,10 +207,7 @@ def test_a_worker_killed_mid_traffic_fails_every_pending_call_within_the_bound(
     assert _shm_files() <= shm, f"new in /dev/shm: {_shm_files() - shm}"
 
     # The survivors serve each other, small calls and large ones.
-    assert group.call(0, rel.timed_call, "worker2")[0] == 2
-    assert group.call(2, rel.timed_call, "worker0")[0] == 2
-    assert group.call(0, rel.echo_large, "worker2", LARGE, 3) == 0
-    assert group.call(2, rel.echo_large, "worker0", LARGE, 3) == 0
+    _assert_survivors_serve(group, 0, 2)
     report(
         f"kill rank 1 ({'unix+shm' if same_host_ipc else 'tcp'})",
         pending=total0 + 10,
@@ -251,10 +256,7 @@ def test_rank_0_killed_mid_traffic_fails_pending_calls_and_the_others_keep_servi
     assert _shm_files() <= shm, f"new in /dev/shm: {_shm_files() - shm}"
 
     # Ranks 1 and 2 had not talked to each other: they still connect, and serve each other.
-    assert group.call(1, rel.timed_call, "worker2")[0] == 2
-    assert group.call(2, rel.timed_call, "worker1")[0] == 2
-    assert group.call(1, rel.echo_large, "worker2", LARGE, 3) == 0
-    assert group.call(2, rel.echo_large, "worker1", LARGE, 3) == 0
+    _assert_survivors_serve(group, 1, 2)
     report(
         "kill rank 0",
         pending=2 * (small + large),

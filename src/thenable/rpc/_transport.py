@@ -54,7 +54,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from thenable._future import _PER_THREAD
@@ -233,9 +233,7 @@ class PeerConnection:
             self._check_room(len(header))
         else:
             self._check_room(len(header) + sum(buffer.nbytes for buffer in buffers))
-        self._send_lock.acquire()
-        error: BaseException | None = None
-        try:
+        with self._sending():
             if self._closed:
                 raise ConnectionError(f"connection to {self.description} is closed")
             staged = None
@@ -248,6 +246,15 @@ class PeerConnection:
                 self._write(frame, key=key)
             else:
                 self._send_staged(kind, request_id, header, staged, key)
+
+    @contextlib.contextmanager
+    def _sending(self) -> Iterator[None]:
+        """The send lock held for the block; an OSError in it closes the connection and comes
+        out as ConnectionError (frames queued meanwhile are written on unlock)."""
+        self._send_lock.acquire()
+        error: OSError | None = None
+        try:
+            yield
         except OSError as exc:
             error = exc
         finally:
@@ -428,18 +435,12 @@ class PeerConnection:
             if self._closed:
                 return
             poller.poll(1000)  # until the socket takes more (or a second: look at _closed)
-            self._send_lock.acquire()
-            error: OSError | None = None
             try:
-                if not self._closed and self._drain():
-                    self._backlog_waits.clear()
-            except OSError as exc:
-                error = exc
-            finally:
-                self._unlock_send()
-            if error is not None:
-                self.close(error)
-                return
+                with self._sending():
+                    if not self._closed and self._drain():
+                        self._backlog_waits.clear()
+            except ConnectionError:
+                return  # (closed by _sending)
 
     def _discard_backlog(self) -> None:
         """The connection is closed: what waits is never sent (send lock held)."""
