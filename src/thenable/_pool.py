@@ -80,10 +80,13 @@ class _Task:
         future = self.future
         if future is None:
             return
-        with future._lock:
+        future._lock.acquire()
+        try:
             if future._run_inline is None:
                 return
             future._run_inline = None
+        finally:
+            future._lock.release()
         # Claimed.  Drop every reference the queue could keep alive: the task may sit in the
         # queue until a worker pops it, long after a waiter ran it.
         fn, args, kwargs, pool = self.fn, self.args, self.kwargs, self.pool
@@ -153,9 +156,12 @@ class InteropPool:
             )
             return future
         self._tasks.append(task)
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._unclaimed += 1
             park = self._wake_or_grow_locked()
+        finally:
+            self._lock.release()
         if park is not None:
             park.release()
         return future
@@ -208,8 +214,11 @@ class InteropPool:
         return parked
 
     def _claimed(self) -> None:
-        with self._lock:
+        self._lock.acquire()
+        try:
             self._unclaimed -= 1
+        finally:
+            self._lock.release()
 
     def _waiter_should_run_it(self) -> bool:
         """Whether a thread about to block on a queued task should run it itself.
@@ -221,8 +230,11 @@ class InteropPool:
         """
         if _PER_THREAD.on_block == self._on_block:
             return True
-        with self._lock:
+        self._lock.acquire()
+        try:
             return not self._waking or self._unclaimed <= self._waking
+        finally:
+            self._lock.release()
 
     def _start_worker_locked(self) -> None:
         if self._workers >= self._size + _MAX_EXTRA_WORKERS:
