@@ -434,7 +434,7 @@ class Future(Generic[T]):
                 elif type(callbacks) is list:
                     callbacks.append(child)
                 else:
-                    self._callbacks = [callbacks, child]
+                    self._callbacks = [callbacks, child]  # type: ignore[list-item]
                 return child
         finally:
             self._lock.release()
@@ -481,7 +481,7 @@ def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> Non
                 child._exception = None
                 child._traceback = None
                 child._state = _FINISHED
-                callbacks = child._callbacks
+                callbacks = child._callbacks  # type: ignore[assignment]
                 waiters = child._waiters
                 child._callbacks = None
                 child._waiters = None
