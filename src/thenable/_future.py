@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
 from thenable import _devices
 from thenable._errors import as_runtime_error
@@ -72,6 +72,13 @@ class _Trampoline:
     def __init__(self) -> None:
         self.depth = 0
         self.deferred: deque[tuple[Future[Any], Any]] = deque()
+
+
+class _InlineTask(Protocol):
+    """What a Future's ``_run_inline`` holds: a queued task that a waiter may run itself."""
+
+    def help(self) -> None:
+        """A thread is about to block on the task's Future: run the task there if better."""
 
 
 class _PerThread(threading.local):
@@ -129,7 +136,7 @@ class Future(Generic[T]):
     # For a Future made by then(): the callback whose result completes it (set once, by then).
     _then_fn: Callable[[Future[Any]], Any] | None
     # A task that a waiter may run itself instead of blocking (set by the fork pool); see wait().
-    _run_inline: Callable[[], None] | None
+    _run_inline: _InlineTask | None
     _devices: tuple[Any, ...]
 
     def __init__(self, *, devices: DeviceSpec = None) -> None:
@@ -315,7 +322,7 @@ class Future(Generic[T]):
             _drain_deferred(trampoline)
         run_inline = self._run_inline
         if run_inline is not None and timeout is None and self._state is _PENDING:
-            run_inline()  # not under a timeout: the task could take longer than the waiter may
+            run_inline.help()  # not under a timeout: the task could take longer than one may wait
         self._lock.acquire()
         try:
             if self._state is _FINISHED:

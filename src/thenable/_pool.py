@@ -67,7 +67,7 @@ class _Task:
         self.args = args
         self.kwargs = kwargs
         self.future: Future[Any] | None = Future()
-        self.future._run_inline = self.help
+        self.future._run_inline = self  # (the task itself: no bound method to allocate)
 
     def help(self) -> None:
         """A thread is about to block on this task's Future: run it here if that is better."""
@@ -91,14 +91,17 @@ class _Task:
         # queue until a worker pops it, long after a waiter ran it.
         fn, args, kwargs, pool = self.fn, self.args, self.kwargs, self.pool
         self.fn = self.args = self.kwargs = self.future = self.pool = None  # type: ignore[assignment]
-        pool._claimed()
+        lock = pool._lock  # (InteropPool._claimed, written out: once a task)
+        lock.acquire()
+        pool._unclaimed -= 1
+        lock.release()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
             future._complete(None, exc, exc.__traceback__)
             del exc
         else:
-            future._complete(result, None)
+            future.set_result(result)
 
 
 class InteropPool:
@@ -144,6 +147,12 @@ class InteropPool:
         Raises:
             TypeError: ``fn`` is not callable.
         """
+        return self._submit(fn, args, kwargs)
+
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[T]:
+        """submit, with the arguments packed already (fork passes its own: no repacking)."""
         if not callable(fn):
             raise TypeError(f"fork() needs a callable to run, got {type(fn).__qualname__}")
         task = _Task(self, fn, args, kwargs)
@@ -200,7 +209,10 @@ class InteropPool:
 
     def _wake_or_grow_locked(self) -> threading.Lock | None:
         """Get a worker for a new task: a parked one (returned, to release after the lock),
-        or a new thread while the pool is below its size."""
+        or a new thread while the pool is below its size; none if the workers already on their
+        way will do (waking a thread costs a system call, and a thread more wanting the GIL)."""
+        if self._waking >= self._unclaimed:
+            return None
         if self._parked:
             self._waking += 1
             return self._parked.pop()
@@ -212,13 +224,6 @@ class InteropPool:
         parked, self._parked = self._parked, []
         self._waking += len(parked)
         return parked
-
-    def _claimed(self) -> None:
-        self._lock.acquire()
-        try:
-            self._unclaimed -= 1
-        finally:
-            self._lock.release()
 
     def _waiter_should_run_it(self) -> bool:
         """Whether a thread about to block on a queued task should run it itself.
@@ -405,7 +410,10 @@ def fork(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T
     Raises:
         TypeError: ``func`` is not callable.
     """
-    return default_pool().submit(func, *args, **kwargs)
+    pool = _DEFAULT_POOL
+    if pool is None:
+        pool = default_pool()
+    return pool._submit(func, args, kwargs)
 
 
 def wait(future: Future[T]) -> T:
