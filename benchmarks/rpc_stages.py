@@ -110,14 +110,15 @@ def _instrument(role: str) -> None:
     """Wrap the points of the call path (before init_rpc: connections bind their handlers)."""
     from thenable.rpc import _agent, _protocol, _transport
 
-    send_all = _transport._send_all
+    send_some = _transport._send_some
 
-    def timed_send_all(*args: Any, **kwargs: Any) -> None:
+    def timed_send_some(*args: Any, **kwargs: Any) -> Any:
         EVENTS.append((f"{role}_send0", time.perf_counter_ns()))
-        send_all(*args, **kwargs)
+        result = send_some(*args, **kwargs)
         EVENTS.append((f"{role}_send1", time.perf_counter_ns()))
+        return result
 
-    _transport._send_all = timed_send_all  # type: ignore[assignment]
+    _transport._send_some = timed_send_some  # type: ignore[assignment]
     connection = _protocol.Connection
     connection.buffer_updated = _mark(f"{role}_recv", connection.buffer_updated)  # type: ignore[method-assign]
     agent = _agent.Agent
