@@ -462,8 +462,7 @@ def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> Non
     """Run ``callbacks`` for ``future`` inline, or defer them if this thread is nested too deep.
 
     A then() child that is its parent's only callback (a link of a chain) is completed here,
-    then its own callbacks are taken in turn, in a loop: a chain runs without recursing.  This
-    is the hot path of every link, so Future._settle is written out in it.
+    then its own callbacks are taken in turn, in a loop: a chain runs without recursing.
     """
     trampoline = _PER_THREAD.trampoline
     depth = trampoline.depth
@@ -480,23 +479,8 @@ def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> Non
         except BaseException as exc:
             callbacks = _fail_child(future, child, exc)
         else:
-            child._lock.acquire()
-            try:
-                if child._state is not _PENDING:  # completed by hand: its value stands
-                    break
-                child._result = result
-                child._exception = None
-                child._traceback = None
-                child._state = _FINISHED
-                callbacks = child._callbacks  # type: ignore[assignment]
-                waiters = child._waiters
-                child._callbacks = None
-                child._waiters = None
-            finally:
-                child._lock.release()
-            if waiters is not None:
-                for waiter in waiters:
-                    waiter.release()
+            # (not strict: completed by hand, the child's value stands)
+            callbacks = child._settle(result, None, None, False)
         if callbacks is None or callbacks is _NOT_SETTLED:
             break
         future = child
@@ -510,7 +494,7 @@ def _run_callbacks(future: Future[Any], callbacks: _Entry | list[_Entry]) -> Non
                 _log_callback_error(callbacks, future)
     trampoline.depth = depth
     # A traceback made in a callback holds this frame: keep nothing alive through it.
-    future = child = callbacks = fn = result = waiters = None  # type: ignore[assignment]
+    future = child = callbacks = fn = result = None  # type: ignore[assignment]
     if not depth and trampoline.deferred:
         _drain_deferred(trampoline)
 
