@@ -10,6 +10,9 @@ far end is a bare socket the test reads (or not) itself.
   limit), the connection stays open, and sends succeed again once the peer has read.
 - ``drop`` takes back a droppable message that waits untouched in the backlog (it never
   reaches the peer); not one that is started, not one sent without ``droppable``.
+- A send that meets a broken socket fails with ConnectionError, closes the connection, and
+  keeps nothing of the caller's: reference counting frees its buffers at once (no cycle
+  waits for the collector: a lent shared-memory segment would stay mapped until then).
 - The heartbeat closes a connection whose peer stays silent for three intervals, with an
   error that says so; a peer that answers (a PeerConnection) keeps an idle connection open.
 
@@ -19,12 +22,15 @@ test_rpc_frozen_peer.py.
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from thenable.rpc import SendQueueFullError
@@ -202,6 +208,34 @@ def test_a_message_waiting_untouched_in_the_backlog_can_be_taken_back(
         assert not sender.drop(99)  # never sent
         assert [m.request_id for m in peer.read(5)] == [0, 1, 2, 4, 5]
     finally:
+        sender.close()
+
+
+def test_a_send_that_fails_keeps_nothing_of_the_callers_alive(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    closed = _Closed()
+    sender, _peer = _connected(pair, closed)
+    payload = np.ones(MIB, np.uint8)
+    alive = weakref.ref(payload)
+    gc.collect()
+    gc.disable()  # what follows must be freed by reference counting alone
+    try:
+        pair[0].shutdown(socket.SHUT_WR)  # the next write fails: EPIPE
+        try:
+            sender.send(MessageKind.REQUEST, 1, b"x", [payload.data])
+        except ConnectionError as exc:
+            message = str(exc)
+        else:
+            pytest.fail("a send on a broken socket succeeded")
+        assert "sending to the peer (rank 1) failed" in message
+        assert closed.event.wait(WAIT_S) and sender.closed
+        closed.errors.clear()  # (the error's traceback refers to the frames of the send)
+        del payload
+        assert alive() is None, "a reference cycle keeps the caller's buffer"
+        assert gc.collect() == 0, "the failed send left reference cycles"
+    finally:
+        gc.enable()
         sender.close()
 
 

@@ -81,7 +81,10 @@ def _wait(done: Future[None]) -> None:
         error = exc
     else:
         return
-    raise as_runtime_error(error)
+    try:
+        raise as_runtime_error(error)
+    finally:
+        del error  # its traceback holds this frame: no cycle through it
 
 
 def local_pass(

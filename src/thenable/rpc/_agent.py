@@ -564,6 +564,8 @@ class Agent:
             value = None
             exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
         pending.future._complete(value, exception)
+        # A load error's traceback holds this frame: no cycle back to the error through it.
+        del pending, exception
 
     def _load_error(self, what: str, exc: Exception) -> SerializationError:
         """The error for a received message that cannot be unpickled here (torch: RuntimeError)."""

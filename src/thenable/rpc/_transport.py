@@ -260,8 +260,13 @@ class PeerConnection:
         finally:
             self._unlock_send()
         if error is not None:
-            self.close(error)
-            raise ConnectionError(f"sending to {self.description} failed: {error}") from error
+            try:
+                self.close(error)
+                raise ConnectionError(f"sending to {self.description} failed: {error}") from error
+            finally:
+                # The error's traceback holds this frame: a name for it here would be a cycle
+                # that keeps the sender's buffers (a lent segment: its mapping) until collected.
+                del error
 
     def _check_room(self, nbytes: int) -> None:
         """Refuse a message of ``nbytes`` that would overfill the backlog (one that finds it
@@ -524,6 +529,7 @@ class PeerConnection:
                 self._send_lock.release()
             if error is not None:
                 self.close(error)
+                del error, first  # (no cycle error -> traceback -> this frame: see _sending)
                 return
             if not self._queue or not self._send_lock.acquire(blocking=False):
                 return
@@ -768,8 +774,10 @@ class PeerConnection:
         except BaseException as exc:  # a bug in a handler must not pass silently
             _LOGGER.exception("reader of %s failed", self.description)
             error = exc
+        event = None  # (what this frame holds lives as long as the error's traceback)
         if self._reader is me:
             self.close(error)
+        del error  # (no cycle error -> traceback -> this frame: see _sending)
 
     def _unwrap(self, message: Message) -> Message | None:
         """Resolve a shared-memory frame: a staged message's buffers, or None for a RELEASE."""
