@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import _frozen_fns as fns
@@ -29,6 +31,7 @@ SLACK_S = 1.5
 # call's timeout (today's main blocked for as long as the peer stayed frozen).
 ISSUE_BOUND_S = 0.5
 MIB = 1 << 20
+STOP_BOUND_S = 5.0  # how long a SIGSTOP may take to stop every thread of a worker
 
 TRANSPORTS = pytest.mark.parametrize("same_host_ipc", [True, False], ids=["unix+shm", "tcp"])
 
@@ -39,9 +42,28 @@ def frozen(group: Group, rank: int) -> Iterator[None]:
     pid = group.pid(rank)
     os.kill(pid, signal.SIGSTOP)
     try:
+        _wait_until_stopped(pid)
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def _wait_until_stopped(pid: int) -> None:
+    """Return once every thread of ``pid`` is stopped.  ``kill`` returns when the signal is
+    queued; a thread that is running (or waiting for a CPU, on a loaded machine) stops only
+    when it next enters the kernel, and may answer a call meanwhile.  (Polled: there is no
+    event for another process's state.)"""
+    deadline = time.monotonic() + STOP_BOUND_S
+    while True:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # (a thread that just ended)
+                # The state follows the command name, which is in parentheses.
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"worker {pid} not stopped: thread states {states}"
+        time.sleep(0.001)
 
 
 def _started(make_group: GroupFactory, same_host_ipc: bool, **options: Any) -> Group:
