@@ -119,6 +119,27 @@ def issue_calls(
     }
 
 
+def calls_to_unreachable(to: str, count: int, timeout: float) -> dict[str, Any]:
+    """``count`` rpc_async no-ops to a worker that cannot be reached: the longest rpc_async,
+    each outcome with its message, and when the last one failed (after the first was issued)."""
+    longest = 0.0
+    futures = []
+    start = time.monotonic()
+    for _ in range(count):
+        began = time.monotonic()
+        futures.append(rpc.rpc_async(to, echo, args=(1,), timeout=timeout))
+        longest = max(longest, time.monotonic() - began)
+    outcomes = set()
+    for future in futures:
+        try:
+            future.wait(timeout + 30)
+        except BaseException as exc:
+            outcomes.add((type(exc).__name__, str(exc)))
+        else:
+            outcomes.add(("ok", ""))
+    return {"longest_call_s": longest, "outcomes": outcomes, "all_s": time.monotonic() - start}
+
+
 def sync_call(to: str, nbytes: int, timeout: float) -> tuple[str, float]:
     """One rpc_sync echo of ``nbytes`` with ``timeout``: its outcome and how long it took."""
     began = time.monotonic()

@@ -5,8 +5,10 @@ the connection's backlog; a call whose timeout passes while its request waits un
 fails with TimeoutError and the request is never sent; beyond ``max_send_queue_bytes`` a call
 fails at once with SendQueueFullError.  After SIGCONT the stream is intact (nothing half
 written) and calls work again.  With a heartbeat, a frozen peer is reported unreachable
-(``RpcConnectionError``) without any call's timeout.  Each case runs over Unix sockets with
-shared memory and over TCP.
+(``RpcConnectionError``) without any call's timeout.  A peer frozen before the first contact
+is no different (the connect runs in a thread of its own, the calls wait for it there), and
+calls to a peer gone before it fail with RpcConnectionError saying it cannot be reached.  Each
+case runs over Unix sockets with shared memory and over TCP.
 """
 
 from __future__ import annotations
@@ -104,6 +106,49 @@ def test_calls_to_a_frozen_peer_return_at_once_and_time_out(
         latest_after_timeout_s=out["late"],
     )
     _finish(group)
+
+
+@TRANSPORTS
+def test_calls_to_a_peer_frozen_before_the_first_contact_return_at_once_and_time_out(
+    make_group: GroupFactory, same_host_ipc: bool
+) -> None:
+    group = make_group(3)  # worker1 and worker2 have never been connected (only to rank 0)
+    group.init_all(fns.init, same_host_ipc=same_host_ipc)
+    with frozen(group, 2):
+        out = group.call(1, fns.issue_calls, "worker2", 40, MIB, TIMEOUT_S, 10.0)
+        assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
+        assert out["longest_call_s"] < ISSUE_BOUND_S, out
+        assert out["outcomes"] == {"RpcTimeoutError"}, out
+        assert out["late"] < SLACK_S, out
+    report(
+        f"peer frozen before the first contact ({'unix+shm' if same_host_ipc else 'tcp'})",
+        longest_rpc_async_s=out["longest_call_s"],
+        latest_after_timeout_s=out["late"],
+    )
+    # Continued, it completes the connect that was under way, and calls go through both ways.
+    assert group.call(1, fns.check_echoes, "worker2", MIB, 4)
+    assert group.call(2, fns.check_echoes, "worker1", MIB, 4)
+    assert group.call(1, fns.pending_calls) == 0
+    group.call_all(fns.shutdown, False)
+    group.close()
+
+
+@TRANSPORTS
+def test_calls_to_a_peer_gone_before_the_first_contact_fail_saying_so(
+    make_group: GroupFactory, same_host_ipc: bool
+) -> None:
+    group = make_group(3)
+    group.init_all(fns.init, same_host_ipc=same_host_ipc)
+    group.kill(2)
+    out = group.call(1, fns.calls_to_unreachable, "worker2", 20, 20.0)
+    assert out["longest_call_s"] < ISSUE_BOUND_S, out
+    ((kind, message),) = out["outcomes"]  # all alike
+    assert kind == "RpcConnectionError", out
+    assert "cannot reach worker2" in message, message
+    assert out["all_s"] < 5.0, out  # refused at once: no timeout is waited for
+    assert group.call(1, fns.check_echoes, "worker0", MIB, 2)  # the others serve on
+    group.call_all(fns.shutdown, False)  # (the killed worker is left out)
+    group.close()
 
 
 @TRANSPORTS

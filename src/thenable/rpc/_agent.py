@@ -33,6 +33,7 @@ from typing import Any
 from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable.rpc import _context, _extensions, _recycled
+from thenable.rpc._dialing import Dialing
 from thenable.rpc._errors import (
     AsyncExecutionError,
     RpcConnectionError,
@@ -150,7 +151,7 @@ class Agent:
         self._workers: dict[int, WorkerAddress] = {}
         self._ranks_by_name: dict[str, int] = {}
         self._links: dict[int, Any] = {}  # rank -> PeerConnection in use for requests to it
-        self._connecting: dict[int, Future[PeerConnection]] = {}
+        self._connecting: dict[int, Dialing] = {}  # rank -> the connect under way
         self._all_connections: set[PeerConnection] = set()
         self._local_link = _LocalLink(self)
         self.rrefs = OwnerTable(self)
@@ -301,15 +302,17 @@ class Agent:
         record = message.record
         future: Future[Any] = Future()
         request_id = next(self._ids)
+        # A request that carries no RRef and no autograd bookkeeping may be taken back, unsent,
+        # when it times out while queued for a peer that does not read (see _expire); it may
+        # also wait, copied, for a first connection to its peer instead of the caller.
+        droppable = extra is None and record is _context.NO_FORKS
         try:
-            link = self._link_to(to_rank)
+            link = self._link_to(to_rank, wait=not droppable)
         except (OSError, ConnectionError) as exc:
             record.unsent()
-            error = RpcConnectionError(
-                f"{_describe_call(self, fn, to_rank)} failed: cannot reach "
-                f"{self.name_of(to_rank)}: {exc}"
+            future._complete(
+                None, self._unreachable(_describe_call(self, fn, to_rank), to_rank, exc)
             )
-            future._complete(None, error)
             return future
         with self._lock:
             self._pending[request_id] = _Pending(
@@ -319,20 +322,11 @@ class Agent:
                 self._issued += 1
         if timeout > 0:
             self._deadlines.add(request_id, timeout)
-        # A request that carries no RRef and no autograd bookkeeping may be taken back, unsent,
-        # when it times out while queued for a peer that does not read (see _expire).
-        droppable = extra is None and record is _context.NO_FORKS
         try:
             link.send(MessageKind.REQUEST, request_id, header, buffers, droppable=droppable)
         except ConnectionError as exc:
             record.unsent()
-            error_type = SendQueueFullError if isinstance(exc, SendQueueFullError) else None
-            self._fail(
-                request_id,
-                (error_type or RpcConnectionError)(
-                    f"{_describe_call(self, fn, to_rank)} failed: {exc}"
-                ),
-            )
+            self._fail_sending(request_id, exc)
         else:
             record.sent()
         return future
@@ -370,11 +364,15 @@ class Agent:
             if done.done() and done._exception is not None:  # refused: the pool is shut down
                 pending.future._complete(None, error, strict=False)
 
-    def _fail(self, request_id: int, error: BaseException) -> None:
+    def _fail_sending(self, request_id: int, exc: ConnectionError) -> None:
+        """A request could not be sent: its call fails (a full queue as SendQueueFullError)."""
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
-            pending.future._complete(None, error)
+            error_type = (
+                SendQueueFullError if isinstance(exc, SendQueueFullError) else RpcConnectionError
+            )
+            pending.future._complete(None, error_type(f"{pending.describe(self)} failed: {exc}"))
 
     def pending_count(self) -> int:
         with self._lock:
@@ -402,7 +400,17 @@ class Agent:
 
     # -- connections --------------------------------------------------------------------------
 
-    def _link_to(self, rank: int) -> Any:
+    def _link_to(self, rank: int, wait: bool = True) -> Any:
+        """The link for messages to ``rank``; connects first if there is none.
+
+        The connect runs in a thread of its own (see ``_dialing``): with ``wait``, this blocks
+        until it is done (the link is the connection); without, it returns at once, and the
+        link while connecting is the ``Dialing``, where messages wait for the connection.
+
+        Raises:
+            ConnectionError: no address is known for ``rank``; with ``wait``, the connect
+                failed.
+        """
         if rank == self.rank:
             return self._local_link
         link = self._links.get(rank)
@@ -412,34 +420,77 @@ class Agent:
             link = self._links.get(rank)
             if link is not None and not link.closed:
                 return link
-            connecting = self._connecting.get(rank)
-            leader = connecting is None
-            if connecting is None:
-                connecting = self._connecting[rank] = Future()
-        if leader:
-            try:
-                connecting.set_result(self._connect(rank))
-            except BaseException as exc:
-                connecting._complete(None, exc)
-            finally:
-                with self._lock:
-                    self._connecting.pop(rank, None)
-        return connecting.wait()
+            dialing = self._connecting.get(rank)
+            if dialing is None:
+                worker = self._workers.get(rank)
+                if worker is None:
+                    raise ConnectionError(f"no address known for rank {rank}")
+                dialing = self._connecting[rank] = Dialing(
+                    rank,
+                    f"{worker.name} (rank {rank})",
+                    self.options.max_send_queue_bytes,
+                    lambda: self._connect(rank),
+                    self._on_dialed,
+                    self._on_dial_failed,
+                )
+                dialing.start()
+        return dialing.wait() if wait else dialing
+
+    def _on_dialed(
+        self,
+        dialing: Dialing,
+        conn: PeerConnection,
+        failed: list[tuple[int, ConnectionError]],
+    ) -> None:
+        """A connect is done and what waited for it is sent (but ``failed``): use it."""
+        with self._lock:
+            if self._connecting.get(dialing.peer_rank) is dialing:
+                del self._connecting[dialing.peer_rank]
+            link = self._links.get(dialing.peer_rank)
+            if not conn.closed and (link is None or link.closed):
+                self._links[dialing.peer_rank] = conn
+        for request_id, exc in failed:
+            self._fail_sending(request_id, exc)
+
+    def _on_dial_failed(self, dialing: Dialing, error: BaseException, waited: list[int]) -> None:
+        """A connect failed: the requests that waited for it fail; the next message retries."""
+        with self._lock:
+            if self._connecting.get(dialing.peer_rank) is dialing:
+                del self._connecting[dialing.peer_rank]
+            entries = [self._pending.pop(rid, None) for rid in waited]
+            for rid in [rid for rid, (link, _) in self._late_holds.items() if link is dialing]:
+                del self._late_holds[rid]
+        for pending in entries:
+            if pending is not None:
+                pending.future._complete(
+                    None, self._unreachable(pending.describe(self), pending.peer_rank, error)
+                )
+
+    def _unreachable(self, call: str, rank: int, error: BaseException) -> RpcConnectionError:
+        return RpcConnectionError(f"{call} failed: cannot reach {self.name_of(rank)}: {error}")
 
     def _connect(self, rank: int) -> PeerConnection:
+        """A new connection to ``rank`` (not yet the link to it: see ``_on_dialed``)."""
         worker = self._workers.get(rank)
         if worker is None:
             raise ConnectionError(f"no address known for rank {rank}")
         if self._same_host(worker):
             assert worker.local is not None
             try:
-                return self.connect_to(rank, worker.local, _CONNECT_TIMEOUT_S)
+                return self._dial(rank, worker.local, _CONNECT_TIMEOUT_S)
             except OSError as exc:
                 _LOGGER.info("same-host connection to rank %d failed (%s); using TCP", rank, exc)
-        return self.connect_to(rank, (worker.host, worker.port), _CONNECT_TIMEOUT_S)
+        return self._dial(rank, (worker.host, worker.port), _CONNECT_TIMEOUT_S)
 
     def connect_to(self, rank: int, address: Address, timeout: float) -> PeerConnection:
         """Connect to the worker ``rank`` at ``address`` and use it for requests to that rank."""
+        conn = self._dial(rank, address, timeout)
+        with self._lock:
+            self._links[rank] = conn
+        return conn
+
+    def _dial(self, rank: int, address: Address, timeout: float) -> PeerConnection:
+        """Connect to the worker ``rank`` at ``address``: the connection, started."""
         peer = connect(
             address,
             key=self._key,
@@ -458,10 +509,7 @@ class Agent:
                 f"expected rank {rank} at {describe_address(address)}, found {peer_name!r} "
                 f"(rank {peer_rank})"
             )
-        conn = self._adopt(peer, peer_name, peer_rank)
-        with self._lock:
-            self._links[rank] = conn
-        return conn
+        return self._adopt(peer, peer_name, peer_rank)
 
     def _on_accept(self, peer: Authenticated) -> None:
         peer_name, peer_rank = _parse_identity(peer.peer_identity)
@@ -503,9 +551,9 @@ class Agent:
             self._all_connections.discard(conn)
             if self._links.get(conn.peer_rank) is conn:
                 del self._links[conn.peer_rank]
-            lost = [rid for rid, p in self._pending.items() if p.link is conn]
+            lost = [rid for rid, p in self._pending.items() if _went_on(p.link, conn)]
             entries = [self._pending.pop(rid) for rid in lost]
-            for rid in [rid for rid, (link, _) in self._late_holds.items() if link is conn]:
+            for rid in [rid for rid, (link, _) in self._late_holds.items() if _went_on(link, conn)]:
                 del self._late_holds[rid]
         if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN:
             self.coordinator.peer_lost(conn.peer_rank)
@@ -877,6 +925,11 @@ def _parse_identity(identity: bytes) -> tuple[str, int]:
     if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
         raise ValueError(f"peer sent an invalid identity {identity[:80]!r}")
     return name, rank
+
+
+def _went_on(link: Any, conn: PeerConnection) -> bool:
+    """Whether what was sent on ``link`` went on ``conn`` (directly, or once connected)."""
+    return link is conn or (type(link) is Dialing and link.connection is conn)
 
 
 def _describe_call(agent: Agent, fn: object, rank: int) -> str:

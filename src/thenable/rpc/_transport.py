@@ -69,7 +69,7 @@ from thenable.rpc._protocol import (
 )
 from thenable.rpc._sockets import FD_SPACE, close_all, descriptors_in
 
-__all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "PeerConnection")
+__all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "PeerConnection", "owned")
 
 _LOGGER = logging.getLogger("thenable.rpc.transport")
 
@@ -346,7 +346,7 @@ class PeerConnection:
     ) -> None:
         """Put (the rest of) a frame at the end of the backlog, in memory of its own, and have
         the writer thread write it (send lock held)."""
-        views = [_owned(part) for part in parts]
+        views = [owned(part) for part in parts]
         frame = _Frame(views, sum(view.nbytes for view in views), fd, staged, key, started)
         self._backlog.append(frame)
         self._backlog_bytes += frame.nbytes
@@ -951,7 +951,7 @@ def _rights(fd: int) -> list[tuple[int, int, bytes]]:
     return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
 
 
-def _owned(part: bytes | memoryview) -> memoryview:
+def owned(part: bytes | memoryview) -> memoryview:
     """``part`` as bytes that nobody can change: itself if it is immutable, else a copy (the
     caller's memory may change once ``send`` returns)."""
     view = memoryview(part)
