@@ -73,14 +73,21 @@ def _dialing(connect: Any, outcome: _Outcome, max_waiting_bytes: int = 1 << 20) 
     return dialing
 
 
+class _HeldConnect:
+    """A ``connect`` that returns ``fake`` once the test sets ``release``."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.fake = _FakeConnection()
+
+    def __call__(self) -> PeerConnection:
+        assert self.release.wait(WAIT_S)
+        return cast(PeerConnection, self.fake)
+
+
 def test_what_waits_is_a_copy_and_goes_out_in_order_before_later_sends() -> None:
-    release = threading.Event()
-    fake = _FakeConnection()
-
-    def connect() -> PeerConnection:
-        assert release.wait(WAIT_S)
-        return cast(PeerConnection, fake)
-
+    connect = _HeldConnect()
+    release, fake = connect.release, connect.fake
     outcome = _Outcome()
     dialing = _dialing(connect, outcome)
     payload = bytearray(b"before")
@@ -105,13 +112,8 @@ def test_what_waits_is_a_copy_and_goes_out_in_order_before_later_sends() -> None
 
 
 def test_a_droppable_request_that_still_waits_can_be_taken_back() -> None:
-    release = threading.Event()
-    fake = _FakeConnection()
-
-    def connect() -> PeerConnection:
-        assert release.wait(WAIT_S)
-        return cast(PeerConnection, fake)
-
+    connect = _HeldConnect()
+    release, fake = connect.release, connect.fake
     outcome = _Outcome()
     dialing = _dialing(connect, outcome)
     dialing.send(REQUEST, 1, b"a", droppable=True)
@@ -126,12 +128,8 @@ def test_a_droppable_request_that_still_waits_can_be_taken_back() -> None:
 
 
 def test_the_bytes_waiting_for_the_connection_are_bounded() -> None:
-    release = threading.Event()
-
-    def connect() -> PeerConnection:
-        assert release.wait(WAIT_S)
-        return cast(PeerConnection, _FakeConnection())
-
+    connect = _HeldConnect()
+    release = connect.release
     dialing = _dialing(connect, _Outcome(), max_waiting_bytes=1000)
     try:
         dialing.send(REQUEST, 1, b"h", [memoryview(bytes(5000))])  # alone: taken, whatever size
