@@ -542,6 +542,8 @@ class Agent:
         if refused:
             conn.close()
             raise ConnectionError("this worker is shut down")
+        if self.coordinator is not None:
+            self.coordinator.peer_back(peer_rank)
         conn.start()
         return conn
 
@@ -549,13 +551,17 @@ class Agent:
         """A connection is gone: every call waiting on it fails now, not at its timeout."""
         with self._lock:
             self._all_connections.discard(conn)
+            # (Another connection to the rank still open: it is alive, as far as we know.)
+            last = not any(
+                c.peer_rank == conn.peer_rank and not c.closed for c in self._all_connections
+            )
             if self._links.get(conn.peer_rank) is conn:
                 del self._links[conn.peer_rank]
             lost = [rid for rid, p in self._pending.items() if _went_on(p.link, conn)]
             entries = [self._pending.pop(rid) for rid in lost]
             for rid in [rid for rid, (link, _) in self._late_holds.items() if _went_on(link, conn)]:
                 del self._late_holds[rid]
-        if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN:
+        if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN and last:
             self.coordinator.peer_lost(conn.peer_rank)
         if self._state is AgentState.SHUT_DOWN:
             reason = "RPC was shut down"

@@ -152,7 +152,8 @@ class Coordinator:
         self._waiting: list[Future[list[WorkerAddress]]] = []
         self._table: Future[list[WorkerAddress]] = Future()
         self._rounds: dict[int, tuple[dict[int, bool], dict[int, Future[bool]]]] = {}
-        # Workers whose connection to rank 0 broke: no barrier they have not reached can end.
+        # Workers with no connection to rank 0 left (their last one broke, and they have not
+        # connected again): no barrier they have not reached can end.
         self._lost: set[int] = set()
 
     def join(self, worker: WorkerAddress, world_size: int) -> Future[list[WorkerAddress]]:
@@ -237,8 +238,13 @@ class Coordinator:
             answers[other].set_result(all_quiet)
         return answer
 
+    def peer_back(self, rank: int) -> None:
+        """``rank`` is connected again (it was frozen, not dead): later rounds may count it."""
+        with self._lock:
+            self._lost.discard(rank)
+
     def peer_lost(self, rank: int) -> None:
-        """The connection to ``rank`` broke: fail the barrier rounds it has not reached."""
+        """The last connection to ``rank`` broke: fail the barrier rounds it has not reached."""
         with self._lock:
             self._lost.add(rank)
             failing = [
