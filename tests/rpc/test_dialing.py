@@ -159,7 +159,8 @@ def test_a_failed_connect_hands_over_the_waiting_requests_and_fails_later_sends(
     release.set()
     assert outcome.done.wait(WAIT_S)
     ((error, waited),) = outcome.failed
-    assert isinstance(error, ConnectionRefusedError) and waited == [7, 8]
+    assert str(error) == "cannot reach worker1 (rank 1): refused by the test"
+    assert isinstance(error.__cause__, ConnectionRefusedError) and waited == [7, 8]
     assert dialing.closed and dialing.connection is None
     with pytest.raises(ConnectionError, match=r"cannot reach worker1 \(rank 1\): refused"):
         dialing.send(REQUEST, 9, b"c")

@@ -308,11 +308,10 @@ class Agent:
         droppable = extra is None and record is _context.NO_FORKS
         try:
             link = self._link_to(to_rank, wait=not droppable)
-        except (OSError, ConnectionError) as exc:
+        except ConnectionError as exc:  # ("cannot reach <peer>: <why>")
             record.unsent()
-            future._complete(
-                None, self._unreachable(_describe_call(self, fn, to_rank), to_rank, exc)
-            )
+            error = RpcConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}")
+            future._complete(None, error)
             return future
         with self._lock:
             self._pending[request_id] = _Pending(
@@ -424,12 +423,12 @@ class Agent:
             if dialing is None:
                 worker = self._workers.get(rank)
                 if worker is None:
-                    raise ConnectionError(f"no address known for rank {rank}")
+                    raise ConnectionError(f"cannot reach rank {rank}: no address is known for it")
                 dialing = self._connecting[rank] = Dialing(
                     rank,
                     f"{worker.name} (rank {rank})",
                     self.options.max_send_queue_bytes,
-                    lambda: self._connect(rank),
+                    lambda: self._connect(worker),
                     self._on_dialed,
                     self._on_dial_failed,
                 )
@@ -452,28 +451,19 @@ class Agent:
         for request_id, exc in failed:
             self._fail_sending(request_id, exc)
 
-    def _on_dial_failed(self, dialing: Dialing, error: BaseException, waited: list[int]) -> None:
+    def _on_dial_failed(self, dialing: Dialing, error: ConnectionError, waited: list[int]) -> None:
         """A connect failed: the requests that waited for it fail; the next message retries."""
         with self._lock:
             if self._connecting.get(dialing.peer_rank) is dialing:
                 del self._connecting[dialing.peer_rank]
-            entries = [self._pending.pop(rid, None) for rid in waited]
             for rid in [rid for rid, (link, _) in self._late_holds.items() if link is dialing]:
                 del self._late_holds[rid]
-        for pending in entries:
-            if pending is not None:
-                pending.future._complete(
-                    None, self._unreachable(pending.describe(self), pending.peer_rank, error)
-                )
+        for request_id in waited:
+            self._fail_sending(request_id, error)
 
-    def _unreachable(self, call: str, rank: int, error: BaseException) -> RpcConnectionError:
-        return RpcConnectionError(f"{call} failed: cannot reach {self.name_of(rank)}: {error}")
-
-    def _connect(self, rank: int) -> PeerConnection:
-        """A new connection to ``rank`` (not yet the link to it: see ``_on_dialed``)."""
-        worker = self._workers.get(rank)
-        if worker is None:
-            raise ConnectionError(f"no address known for rank {rank}")
+    def _connect(self, worker: WorkerAddress) -> PeerConnection:
+        """A new connection to ``worker`` (not yet the link to it: see ``_on_dialed``)."""
+        rank = worker.rank
         if self._same_host(worker):
             assert worker.local is not None
             try:

@@ -26,8 +26,8 @@ _LOGGER = logging.getLogger("thenable.rpc.agent")
 
 # (dialing, the connection, the requests whose sending failed on it, with the error)
 ConnectedHandler = Callable[["Dialing", PeerConnection, list[tuple[int, ConnectionError]]], None]
-# (dialing, the connect's error, the ids of the requests that waited)
-FailedHandler = Callable[["Dialing", BaseException, list[int]], None]
+# (dialing, "cannot reach <peer>: <why>", the ids of the requests that waited)
+FailedHandler = Callable[["Dialing", ConnectionError, list[int]], None]
 
 
 @dataclass(slots=True)
@@ -65,7 +65,9 @@ class Dialing:
         # every later one goes straight to it.
         self._connection: PeerConnection | None = None
         self._forward = False
-        self._error: BaseException | None = None
+        # Set if the connect failed: "cannot reach <peer>: <why>" (a message, not the error
+        # itself, whose traceback would hold the connecting frame and so this Dialing).
+        self._failure: str | None = None
         self._settled = threading.Event()  # forwarding, or failed
         self._thread = threading.Thread(
             target=self._run, name=f"thenable-rpc-connect {description}", daemon=True
@@ -83,7 +85,7 @@ class Dialing:
     def closed(self) -> bool:
         """Whether sending here fails: the connect failed, or the connection closed since."""
         connection = self._connection
-        return self._error is not None or (connection is not None and connection.closed)
+        return self._failure is not None or (connection is not None and connection.closed)
 
     def send(
         self,
@@ -103,8 +105,8 @@ class Dialing:
         """
         with self._lock:
             if not self._forward:
-                if self._error is not None:
-                    raise ConnectionError(f"cannot reach {self.description}: {self._error}")
+                if self._failure is not None:
+                    raise ConnectionError(self._failure)
                 nbytes = len(header) + sum(buffer.nbytes for buffer in buffers)
                 waiting = self._waiting_bytes
                 if waiting and waiting + nbytes > self._max_waiting_bytes:
@@ -152,8 +154,8 @@ class Dialing:
         """
         if not self._settled.wait(timeout):
             raise ConnectionError(f"still connecting to {self.description}")
-        if self._error is not None:
-            raise ConnectionError(f"cannot reach {self.description}: {self._error}")
+        if self._failure is not None:
+            raise ConnectionError(self._failure)
         assert self._connection is not None
         return self._connection
 
@@ -161,15 +163,19 @@ class Dialing:
         try:
             connection = self._connect()
         except BaseException as exc:  # OSError, ConnectionError, a failed handshake...
+            failure = f"cannot reach {self.description}: {exc}"
+            error = ConnectionError(failure)
+            error.__cause__ = exc  # (for the handler; dropped with it)
+            del exc  # (no cycle: its traceback holds this frame)
             with self._lock:
-                self._error = exc
+                self._failure = failure
                 waiting, self._waiting = self._waiting, []
                 self._waiting_bytes = 0
             self._settled.set()
             self._on_failed(
-                self, exc, [w.request_id for w in waiting if w.kind is MessageKind.REQUEST]
+                self, error, [w.request_id for w in waiting if w.kind is MessageKind.REQUEST]
             )
-            del exc  # (no cycle: its traceback holds this frame)
+            del error
             return
         self._connection = connection
         failed: list[tuple[int, ConnectionError]] = []
