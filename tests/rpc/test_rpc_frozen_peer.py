@@ -96,16 +96,26 @@ def test_calls_to_a_frozen_peer_return_at_once_and_time_out(
     group = _started(make_group, same_host_ipc)
     with frozen(group, 1):
         out = group.call(0, fns.issue_calls, "worker1", count, nbytes, TIMEOUT_S, budget_s)
-        assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
-        assert out["longest_call_s"] < ISSUE_BOUND_S, out
-        assert out["outcomes"] == {"RpcTimeoutError"}, out
-        assert out["late"] < SLACK_S, out
+    _assert_returned_at_once_and_timed_out(
+        out, f"frozen peer, {out['issued']} rpc_async", same_host_ipc
+    )
+    _finish(group)
+
+
+def _assert_returned_at_once_and_timed_out(
+    out: dict[str, Any], label: str, same_host_ipc: bool
+) -> None:
+    """What ``issue_calls`` saw of a frozen peer: no rpc_async blocked, each call failed with
+    RpcTimeoutError soon after its own timeout (reported as ``label``)."""
+    assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
+    assert out["longest_call_s"] < ISSUE_BOUND_S, out
+    assert out["outcomes"] == {"RpcTimeoutError"}, out
+    assert out["late"] < SLACK_S, out
     report(
-        f"frozen peer, {out['issued']} rpc_async ({'unix+shm' if same_host_ipc else 'tcp'})",
+        f"{label} ({'unix+shm' if same_host_ipc else 'tcp'})",
         longest_rpc_async_s=out["longest_call_s"],
         latest_after_timeout_s=out["late"],
     )
-    _finish(group)
 
 
 @TRANSPORTS
@@ -116,14 +126,8 @@ def test_calls_to_a_peer_frozen_before_the_first_contact_return_at_once_and_time
     group.init_all(fns.init, same_host_ipc=same_host_ipc)
     with frozen(group, 2):
         out = group.call(1, fns.issue_calls, "worker2", 40, MIB, TIMEOUT_S, 10.0)
-        assert not out["blocked"], f"rpc_async blocked after {out['issued']} calls"
-        assert out["longest_call_s"] < ISSUE_BOUND_S, out
-        assert out["outcomes"] == {"RpcTimeoutError"}, out
-        assert out["late"] < SLACK_S, out
-    report(
-        f"peer frozen before the first contact ({'unix+shm' if same_host_ipc else 'tcp'})",
-        longest_rpc_async_s=out["longest_call_s"],
-        latest_after_timeout_s=out["late"],
+    _assert_returned_at_once_and_timed_out(
+        out, "peer frozen before the first contact", same_host_ipc
     )
     # Continued, it completes the connect that was under way, and calls go through both ways.
     assert group.call(1, fns.check_echoes, "worker2", MIB, 4)
