@@ -72,16 +72,27 @@ class DistAutogradContext:
     # -- recording (called by the RPC extension) --------------------------------------------
 
     def know(self, rank: int) -> None:
+        """Count worker ``rank`` among those this context reached (the release goes there too)."""
         with self._lock:
             self._known.add(rank)
 
     def record_send(self, message_id: int, rank: int, tensors: list[Any]) -> None:
+        """Remember the tensors that require grad sent to worker ``rank`` in message
+        ``message_id``: the gradients that come back for that message flow into them.
+
+        Called by the RPC extension, in the thread that sends the message.
+        """
         with self._lock:
             self._known.add(rank)
             if tensors:
                 self._sends[message_id] = tensors
 
     def record_recv(self, message_id: int, rank: int, tensors: list[Any]) -> None:
+        """Remember the tensors that require grad received from worker ``rank`` in message
+        ``message_id``: their gradients go back to that worker in the backward pass.
+
+        Called by the RPC extension, in the thread that reads the message.
+        """
         with self._lock:
             self._known.add(rank)
             if tensors:
@@ -92,6 +103,11 @@ class DistAutogradContext:
     # -- backward -----------------------------------------------------------------------------
 
     def sent_tensors(self, message_id: int) -> list[Any]:
+        """The tensors that require grad this worker sent in message ``message_id``.
+
+        Raises:
+            RuntimeError: this context sent no such message with tensors that require grad.
+        """
         with self._lock:
             tensors = self._sends.get(message_id)
         if tensors is None:
@@ -131,6 +147,8 @@ class DistAutogradContext:
         return outgoing
 
     def gradients(self) -> dict[Any, Any]:
+        """``{tensor: gradient}`` for this worker's leaves that the context's backward passes
+        reached (the sum over passes); a copy."""
         with self._lock:
             return dict(self._gradients.values())
 

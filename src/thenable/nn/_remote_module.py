@@ -186,13 +186,21 @@ class RemoteModule(nn.Module):
         return self.module_rref
 
     def train(self, mode: bool = True) -> RemoteModule:
+        """Set the remote module's training mode (``module.train(mode)`` on its worker, a
+        blocking call); returns this RemoteModule."""
         rpc_sync(self.module_rref.owner(), _train, (self.module_rref, mode))
         return self
 
     def eval(self) -> RemoteModule:
+        """``train(False)``: put the remote module in evaluation mode."""
         return self.train(False)
 
     def parameters(self, recurse: bool = True) -> NoReturn:
+        """Not supported: the parameters live on the remote worker.
+
+        Raises:
+            ValueError: always; use ``remote_parameters()`` for RRefs of them.
+        """
         raise ValueError(
             "Method ``parameters`` not supported for RemoteModule. Please use "
             "``remote_parameters`` instead."
