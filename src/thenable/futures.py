@@ -1,6 +1,6 @@
 """The ``torch.futures`` mirror: the same objects under torch's names.
 
-Code written against ``torch.futures`` runs after changing only its import::
+Code written against ``torch.futures`` runs after changing only its import:
 
     from thenable.futures import Future, collect_all, wait_all
 """

@@ -1,6 +1,6 @@
 """thenable.autograd: distributed autograd, the counterpart of ``torch.distributed.autograd``.
 
-Code written for torch runs after changing its import::
+Code written for torch runs after changing its import:
 
     import thenable.autograd as dist_autograd   # was: import torch.distributed.autograd ...
 

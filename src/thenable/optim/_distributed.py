@@ -60,7 +60,7 @@ class DistributedOptimizer:
     ``torch.optim.Optimizer``, made with ``*args, **kwargs``) over the parameters that
     ``params_rref`` point to, wherever they live.
 
-    Example::
+    For example:
 
         optimizer = DistributedOptimizer(torch.optim.SGD, model.parameter_rrefs(), lr=0.05)
         with dist_autograd.context() as context_id:

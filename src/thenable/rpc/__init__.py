@@ -1,6 +1,6 @@
 """thenable.rpc: distributed RPC with RRefs, the counterpart of ``torch.distributed.rpc``.
 
-Code written for torch runs after changing its import::
+Code written for torch runs after changing its import:
 
     from thenable import rpc      # was: from torch.distributed import rpc
 """
@@ -38,10 +38,11 @@ from thenable.rpc.api import RpcAgent as RpcAgent
 from thenable.rpc.api import _get_current_rpc_agent as _get_current_rpc_agent
 from thenable.rpc.api import _is_current_rpc_agent_set as _is_current_rpc_agent_set
 
-# torch's name for the options of its (only) backend.
 TensorPipeRpcBackendOptions = RpcBackendOptions
-# torch's name for the RRef class its RRef type derives from (isinstance checks use it).
+"""torch's name for the options of its (only) backend: the same class as ``RpcBackendOptions``."""
 PyRRef = RRef
+"""torch's name for the RRef class its RRef type derives from (isinstance checks use it): the
+same class as ``RRef``."""
 
 __all__ = (
     "AsyncExecutionError",

@@ -25,14 +25,22 @@ __all__ = (
 )
 
 DEFAULT_RPC_TIMEOUT_SEC = 60.0
+"""``RpcBackendOptions.rpc_timeout``'s default: seconds a call may take before it fails."""
 DEFAULT_INIT_METHOD = "env://"
+"""``RpcBackendOptions.init_method``'s default: rank 0's address from ``MASTER_ADDR`` and
+``MASTER_PORT``."""
 DEFAULT_BUSY_POLL_US = 500
+"""``RpcBackendOptions.busy_poll_us``'s default, in microseconds."""
 DEFAULT_NUM_WORKER_THREADS = 16
+"""``RpcBackendOptions.num_worker_threads``'s default: threads that run incoming calls (the
+pool grows beyond it while handlers block)."""
 # Room for a few large tensors waiting for a slow peer, not for an unbounded pile-up.
 DEFAULT_MAX_SEND_QUEUE_BYTES = 256 << 20
+"""``RpcBackendOptions.max_send_queue_bytes``'s default: 256 MiB per peer."""
 # A frozen peer is declared unreachable after 3 heartbeats of silence: 30 s, half torch's
 # default call timeout, and long enough for a peer stuck a while in one GIL-holding call.
 DEFAULT_HEARTBEAT_S = 10.0
+"""``RpcBackendOptions.heartbeat_s``'s default, in seconds."""
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
