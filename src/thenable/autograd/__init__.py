@@ -80,7 +80,7 @@ def backward(context_id: int, roots: list[Any], retain_graph: bool = False) -> N
     Raises:
         RuntimeError: unknown or released context id; a root that does not require grad, is not
             a scalar or is a leaf; an error in a backward function or a worker lost, on any
-            worker (:class:`BackwardError` and the RPC errors are RuntimeErrors).
+            worker (``BackwardError`` and the RPC errors are RuntimeErrors).
         TypeError: ``roots`` is not a list of tensors.
     """
     del retain_graph
