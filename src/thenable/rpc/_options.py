@@ -148,8 +148,10 @@ class RpcBackendOptions:
             and a half times as long, and every call waiting on it fails with
             ``RpcConnectionError``.  0: no heartbeat (a
             frozen peer is then noticed only by each call's own timeout).
-        device_maps, devices: accepted for compatibility with torch; CUDA tensors are not
-            sent yet, so they must stay empty.
+        device_maps: accepted for compatibility with torch; CUDA tensors are not sent yet,
+            so it must stay empty.
+        devices: accepted for compatibility with torch; it must stay empty, as
+            ``device_maps``.
     """
 
     init_method: str = DEFAULT_INIT_METHOD
