@@ -1,9 +1,14 @@
-"""``thenable launch``: run a script as N local RPC workers, torchrun-style.
+"""``thenable launch``: run a script as N local RPC workers, torchrun-style; ``thenable trace``:
+merge and draw timeline traces.
 
 Each worker gets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` and a
 fresh ``THENABLE_AUTH_KEY`` (so the workers authenticate each other), and each line it prints is
 prefixed with ``[rank]``.  If a worker fails, the others are stopped and the launcher exits with
 that worker's code; Ctrl-C or SIGTERM stops them all.
+
+``thenable trace merge DIR`` merges the part files that ``THENABLE_TRACE=DIR`` left (after a
+crash, or a job that did not shut RPC down gracefully) into ``DIR/trace.json``;
+``thenable trace plot TRACE.json -o PICTURE.png`` draws a merged trace (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -37,7 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     launch.add_argument("--master-port", type=int, default=0, help="rank 0's port (0: a free one)")
     launch.add_argument("script", help="the Python script each worker runs")
     launch.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    trace = commands.add_parser("trace", help="merge or draw timeline traces")
+    actions = trace.add_subparsers(dest="action", required=True)
+    merge = actions.add_parser("merge", help="merge the part files of THENABLE_TRACE=DIR")
+    merge.add_argument("directory", help="the directory THENABLE_TRACE named")
+    merge.add_argument("-o", "--output", help="the merged trace (default: DIR/trace.json)")
+    plot = actions.add_parser("plot", help="draw a merged trace to a picture (matplotlib)")
+    plot.add_argument("trace", help="a merged trace (JSON)")
+    plot.add_argument("-o", "--output", required=True, help="the picture (.png, .svg...)")
+    plot.add_argument("--title", default="", help="the picture's title")
     options = parser.parse_args(argv)
+    if options.command == "trace":
+        return _trace_command(parser, options)
     if options.nproc < 1:
         parser.error(f"-n must be >= 1, got {options.nproc}")
     if not os.path.isfile(options.script):
@@ -46,6 +62,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return launch_workers(
         options.nproc, options.script, options.args, master_addr=options.master_addr, port=port
     )
+
+
+def _trace_command(parser: argparse.ArgumentParser, options: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from thenable import _trace_file
+
+    if options.action == "merge":
+        directory = Path(options.directory)
+        files = sorted(directory.glob("*.part.jsonl"))
+        if not files:
+            parser.error(f"no trace parts (*.part.jsonl) in {directory}")
+        try:
+            parts = [_trace_file.read_part(path) for path in files]
+        except ValueError as exc:
+            parser.error(str(exc))
+        # Rank 0 first: its clock is the reference (then the other ranks, then non-workers).
+        parts.sort(key=lambda p: (p["process"].get("rank") is None, p["process"].get("rank")))
+        output = Path(options.output) if options.output else directory / "trace.json"
+        _trace_file.write_trace(_trace_file.merge(parts), output)
+        incomplete = [p["process"]["label"] for p in parts if not p["complete"]]
+        print(f"merged {len(parts)} part(s) into {output}")
+        if incomplete:
+            print(f"(ended early, kept up to their last flush: {', '.join(incomplete)})")
+        return 0
+    from thenable._trace_plot import plot_trace
+
+    try:
+        trace = json.loads(Path(options.trace).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read the trace {options.trace}: {exc}")
+    plot_trace(trace, options.output, title=options.title)
+    print(f"drew {options.trace} to {options.output}")
+    return 0
 
 
 def launch_workers(
