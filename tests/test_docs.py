@@ -44,11 +44,7 @@ NEEDS_TORCH = frozenset({"thenable.autograd", "thenable.optim", "thenable.nn"})
 # Public names known to have no docstring, by where they are defined, with the file to fix.
 # Each fix must remove its entry: test_known_missing_docstrings_are_still_missing fails until
 # it does.  Empty this as they are fixed.
-KNOWN_MISSING = {
-    "thenable.__version__": "src/thenable/__init__.py: no attribute docstring after it",
-    "thenable._pool.TaskExecutor.submit": "src/thenable/_pool.py: the Protocol's method",
-    "thenable.rpc._rref.RRef.owner_name": "src/thenable/rpc/_rref.py",
-}
+KNOWN_MISSING: dict[str, str] = {}
 
 _DIRECTIVE = re.compile(r"^:::\s+([A-Za-z_][\w.]*)\s*$", re.MULTILINE)
 

@@ -19,14 +19,19 @@ from thenable._pool import fork as fork
 from thenable._pool import get_num_interop_threads as get_num_interop_threads
 from thenable._pool import set_num_interop_threads as set_num_interop_threads
 from thenable._pool import wait as wait
+from thenable._trace import Trace as Trace
+from thenable._trace import start_from_environment as _start_from_environment
+from thenable._trace import trace as trace
 
 __version__ = "0.1.0"
+"""This release's version."""
 
 __all__ = (
     "Future",
     "FutureState",
     "InteropPool",
     "TaskExecutor",
+    "Trace",
     "__version__",
     "as_completed",
     "collect_all",
@@ -38,6 +43,9 @@ __all__ = (
     "set_num_interop_threads",
     "to_asyncio",
     "to_concurrent",
+    "trace",
     "wait",
     "wait_all",
 )
+
+_start_from_environment()  # THENABLE_TRACE=<dir>: trace this whole process

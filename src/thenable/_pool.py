@@ -47,7 +47,9 @@ _MAX_EXTRA_WORKERS = 256
 class TaskExecutor(Protocol):
     """What ``fork`` needs of an executor: run ``fn(*args, **kwargs)``, returning its Future."""
 
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]: ...
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Start ``fn(*args, **kwargs)``; return its Future at once (its errors go there)."""
+        ...
 
 
 class _Task:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from thenable import _recorder
 from thenable._errors import as_runtime_error
 from thenable._future import Future
 from thenable.autograd import _contexts, _grad_field
@@ -112,12 +113,16 @@ def _run_pass(
     leaf_grads: list[tuple[Any, Any]] = []
     leaves = _reachable_leaves(outputs)
     if leaves:
+        start = _recorder.now() if _recorder.recording else 0
         with _grad_field.borrowed(leaves, [None] * len(leaves)):
             try:
                 torch.autograd.backward(outputs, output_grads, retain_graph=True, inputs=leaves)
             except Exception as exc:
                 raise BackwardError(f"Error on Node {agent.rank}: {exc}") from exc
             leaf_grads = [(leaf, leaf.grad) for leaf in leaves]
+        if start:
+            args = {"context_id": context._id, "leaves": len(leaves)}
+            _recorder.complete("dist_autograd backward", "autograd", start, args)
     outgoing = context.route(leaf_grads)
     if not outgoing:
         done: Future[None] = Future()

@@ -11,6 +11,7 @@ from thenable.rpc import functions as functions
 from thenable.rpc._api import BackendType as BackendType
 from thenable.rpc._api import _set_rpc_timeout as _set_rpc_timeout
 from thenable.rpc._api import get_rpc_timeout as get_rpc_timeout
+from thenable.rpc._api import get_stats as get_stats
 from thenable.rpc._api import get_worker_info as get_worker_info
 from thenable.rpc._api import init_rpc as init_rpc
 from thenable.rpc._api import is_available as is_available
@@ -72,6 +73,7 @@ __all__ = (
     "constants",
     "functions",
     "get_rpc_timeout",
+    "get_stats",
     "get_worker_info",
     "init_rpc",
     "is_available",

@@ -30,8 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from thenable import _recorder
 from thenable._future import Future
 from thenable._pool import InteropPool
+from thenable._trace_hooks import name_of
 from thenable.rpc import _context, _extensions, _recycled
 from thenable.rpc._dialing import Dialing
 from thenable.rpc._errors import (
@@ -290,6 +292,7 @@ class Agent:
             raise RuntimeError(
                 "RPC is shut down on this worker; call init_rpc() again to make new calls"
             )
+        traced_from = _recorder.now() if _recorder.recording else 0
         extension = _extensions.installed
         extra = None if extension is None else extension.request_extra(self, to_rank)
         if extra is None:
@@ -321,6 +324,8 @@ class Agent:
                 self._issued += 1
         if timeout > 0:
             self._deadlines.add(request_id, timeout)
+        if traced_from:
+            _recorder.flow("s", flow_id(self.rank, request_id, False), "rpc")
         try:
             link.send(MessageKind.REQUEST, request_id, header, buffers, droppable=droppable)
         except ConnectionError as exc:
@@ -328,7 +333,25 @@ class Agent:
             self._fail_sending(request_id, exc)
         else:
             record.sent()
+        if traced_from:
+            self._traced(f"rpc {name_of(fn)}", traced_from, to_rank, request_id, header, buffers)
         return future
+
+    def _traced(
+        self,
+        span: str,
+        start: int,
+        peer: int,
+        request_id: int,
+        header: bytes | None = None,
+        buffers: list[memoryview] | None = None,
+        **more: Any,
+    ) -> None:
+        """Record a span of an RPC message (see thenable._trace)."""
+        args: dict[str, Any] = {"peer": self.name_of(peer), "id": request_id, **more}
+        if header is not None:
+            args["bytes"] = len(header) + sum(b.nbytes for b in buffers or ())
+        _recorder.complete(span, "rpc", start, args)
 
     def notify(self, to_rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Send ``fn(*args)`` to ``to_rank`` with no reply: for quick internal bookkeeping.
@@ -376,6 +399,56 @@ class Agent:
     def pending_count(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of this worker's calls, handlers, queues and memory (``rpc.get_stats``)."""
+        with self._lock:
+            in_flight: dict[str, int] = {}
+            for pending in self._pending.values():
+                to = self.name_of(pending.peer_rank)
+                in_flight[to] = in_flight.get(to, 0) + 1
+            unanswered, late = self._unanswered, len(self._late_holds)
+            connections = [c for c in self._all_connections if not c.closed]
+            state = self._state.name.lower()
+        pool = self.pool.statistics()
+        peers: dict[str, dict[str, Any]] = {}
+        shm = {"out_segments": 0, "out_bytes": 0, "out_busy": 0, "in_segments": 0}
+        shm.update(in_bytes=0, in_lent=0)
+        for conn in connections:
+            stats = conn.statistics()
+            peer = peers.setdefault(
+                self.name_of(conn.peer_rank), {"connections": 0, "send_queue_bytes": 0}
+            )
+            peer["connections"] += 1
+            peer["send_queue_bytes"] += stats["send_queue_bytes"]
+            for side in ("out", "in"):
+                for key, value in stats.get(f"shm_{side}", {}).items():
+                    shm[f"{side}_{key}"] += value
+        for name in in_flight:
+            peers.setdefault(name, {"connections": 0, "send_queue_bytes": 0})
+        for name, peer in peers.items():
+            peer["calls_in_flight"] = in_flight.get(name, 0)
+        return {
+            "worker": self.name,
+            "rank": self.rank,
+            "state": state,
+            "calls_in_flight": sum(in_flight.values()),
+            "calls_issued": self._issued,
+            "requests_unanswered": unanswered,
+            "timed_out_holding_rrefs": late,
+            "handlers": {
+                "size": pool["size"],
+                "threads": pool["workers"],
+                "busy": pool["workers"] - pool["idle"] - pool["blocked"],
+                "blocked": pool["blocked"],
+                "idle": pool["idle"],
+                "queued": pool["queued"],
+            },
+            "peers": dict(sorted(peers.items())),
+            "send_queue_bytes": sum(peer["send_queue_bytes"] for peer in peers.values()),
+            "shm": shm,
+            "rrefs": self.rrefs.statistics(),
+        }
 
     def issued_count(self) -> int:
         with self._lock:
@@ -571,7 +644,9 @@ class Agent:
         if kind is MessageKind.REQUEST:
             with self._lock:
                 self._unanswered += 1
-            if link.may_run_inline():
+            if _recorder.recording:
+                self._on_request_traced(link, message)
+            elif link.may_run_inline():
                 link.run_inline(self._serve, link, message)
             else:
                 self.pool.submit(self._serve, link, message)
@@ -591,6 +666,11 @@ class Agent:
             return  # it timed out or was failed already; the late reply is dropped
         if pending.timeout > 0:
             self._deadlines.cancel(message.request_id, pending.timeout)
+        if _recorder.recording:
+            start = _recorder.now()
+            _recorder.flow("f", flow_id(self.rank, message.request_id, True), "rpc reply")
+        else:
+            start = 0
         try:
             with _context.receiving(self, pending.peer_rank) as received:
                 if message.kind is MessageKind.RESPONSE:
@@ -608,6 +688,9 @@ class Agent:
             value = None
             exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
         pending.future._complete(value, exception)
+        if start:
+            span = f"reply {name_of(pending.fn)}"
+            self._traced(span, start, pending.peer_rank, message.request_id, failed=bool(exception))
         # A load error's traceback holds this frame: no cycle back to the error through it.
         del pending, exception
 
@@ -622,15 +705,37 @@ class Agent:
         return error
 
     def _on_notification(self, link: Any, message: Message) -> None:
+        start = _recorder.now() if _recorder.recording else 0
+        fn = None
         try:
             with _context.receiving(self, link.peer_rank):
                 fn, args, kwargs = loads(message.header, message.buffers)
             fn(*args, **kwargs)
         except Exception:
             _LOGGER.exception("a notification from %r failed", link)
+        if start:
+            self._traced(f"notify {name_of(fn)}", start, link.peer_rank, 0)
 
-    def _serve(self, link: Any, message: Message) -> None:
-        """Run one incoming request on this (pool) thread and send its reply."""
+    def _on_request_traced(self, link: Any, message: Message) -> None:
+        """``_on_message`` for a request while tracing: the handler records its span."""
+        if link.may_run_inline():
+            link.run_inline(self._serve_traced, link, message)
+        else:
+            self.pool.submit(self._serve_traced, link, message, _recorder.now())
+
+    def _serve_traced(self, link: Any, message: Message, received_ns: int = 0) -> None:
+        """``_serve``, recorded as a span with the arrow from its call; ``queued_us`` is the
+        time from the request's arrival to its handler's start (0: run where it arrived)."""
+        start = _recorder.now()
+        peer, request_id = link.peer_rank, message.request_id
+        _recorder.flow("f", flow_id(peer, request_id, False), "rpc")
+        fn = self._serve(link, message)
+        queued_us = round((start - received_ns) / 1000, 3) if received_ns else 0.0
+        self._traced(f"handle {name_of(fn)}", start, peer, request_id, queued_us=queued_us)
+
+    def _serve(self, link: Any, message: Message) -> object:
+        """Run one incoming request on this (pool) thread and send its reply; return the
+        function it called (None if the request could not be loaded), for the trace."""
         request_id = message.request_id
         try:
             with _context.receiving(self, link.peer_rank) as received:
@@ -642,7 +747,7 @@ class Agent:
                 extension.received(self, link.peer_rank, extra, received.grad_tensors)
         except Exception as exc:
             self._send_error(link, request_id, self._load_error("the call", exc))
-            return
+            return None
         try:
             del message, call, received
             if extra is None or extension is None:
@@ -659,19 +764,24 @@ class Agent:
                 result.add_done_callback(
                     lambda done: self._reply_with(link, request_id, done, extra)
                 )
-                return
+                return fn
         except BaseException as exc:
             self._send_error(link, request_id, exc)
-            return
+            return fn
         self._send_result(link, request_id, result, defer=may_reply_later(fn), extra=extra)
+        return fn
 
     def _reply_with(
         self, link: Any, request_id: int, done: Future[Any], extra: object = None
     ) -> None:
+        """An @async_execution function's Future completed: send its outcome as the reply."""
+        start = _recorder.now() if _recorder.recording else 0
         if done._exception is not None:
             self._send_error(link, request_id, done._exception)
         else:
             self._send_result(link, request_id, done._result, extra=extra)
+        if start:
+            self._traced("async_execution done", start, link.peer_rank, request_id)
 
     def _send_result(
         self,
@@ -726,6 +836,11 @@ class Agent:
         buffers: list[memoryview],
         defer: bool = False,
     ) -> bool:
+        if _recorder.recording:
+            start = _recorder.now()
+            _recorder.flow("s", flow_id(link.peer_rank, request_id, True), "rpc reply")
+        else:
+            start = 0
         try:
             link.send(kind, request_id, header, buffers, defer=defer)
         except ConnectionError as exc:
@@ -736,6 +851,8 @@ class Agent:
                 self._unanswered -= 1
                 if not self._unanswered and self._awaiting_answers:
                     self._answered.notify_all()
+            if start:
+                self._traced("send reply", start, link.peer_rank, request_id, header, buffers)
         return True
 
     def wait_answered(self, deadline: float | None) -> None:
@@ -905,6 +1022,12 @@ class _Deadlines:
                     self._expire(request_id, timeout)
                 except Exception:
                     _LOGGER.exception("failing RPC request %d at its timeout failed", request_id)
+
+
+def flow_id(caller_rank: int, request_id: int, reply: bool) -> int:
+    """The id of a trace's arrow from a request to its handler (or from the reply back):
+    even, and the same on both sides (fork arrows take the odd ids, see _trace_hooks)."""
+    return (((caller_rank << 32) | request_id) << 2) | (2 if reply else 0)
 
 
 def _parse_identity(identity: bytes) -> tuple[str, int]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from thenable._future import Future
-from thenable.rpc import _context
+from thenable.rpc import _context, _tracing
 from thenable.rpc._agent import Agent
 from thenable.rpc._options import (
     RpcBackendOptions,
@@ -128,6 +128,7 @@ def init_rpc(
         agent.stop()
         _context.set_agent(None)
         raise
+    _tracing.started(agent)
 
 
 def shutdown(graceful: bool = True, timeout: float = 0) -> None:
@@ -151,7 +152,9 @@ def shutdown(graceful: bool = True, timeout: float = 0) -> None:
             agent.rrefs.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
             shutdown_barrier(agent, deadline)
             agent.wait_answered(deadline)  # the barrier's own replies to the others included
+            _tracing.after_shutdown_barrier(agent, deadline)
     finally:
+        _tracing.stopped()
         agent.stop()
         _context.set_agent(None)
 
@@ -226,6 +229,56 @@ def is_available() -> bool:
     """Whether RPC can be used in this process: always, with thenable (torch's may be built
     without it)."""
     return True
+
+
+def get_stats(
+    worker: str | int | WorkerInfo | None = None, timeout: float = -1.0
+) -> dict[str, Any]:
+    """A snapshot of a worker's RPC state, to spot a leak or a stall (default: this worker).
+
+    Another worker's snapshot is fetched with one RPC.  The fields (counts unless named
+    otherwise; all are read without stopping the worker, so they may be a moment apart):
+
+    - ``worker``, ``rank``: whose snapshot it is; ``state``: ``running``, ``shutting_down``.
+    - ``calls_in_flight``: calls this worker made that await their reply (every one ends by
+      its reply, its timeout, the loss of its peer or shutdown); ``calls_issued``: application
+      calls made so far.
+    - ``requests_unanswered``: requests from other workers received and not yet answered
+      (queued, running, or an ``@async_execution`` Future still pending).
+    - ``timed_out_holding_rrefs``: timed-out calls whose RRef arguments are kept alive until
+      the callee's late reply (or the connection's end).
+    - ``handlers``: the pool that runs incoming requests: ``size`` (threads it keeps),
+      ``threads`` (alive), ``busy`` (running a request), ``blocked`` (in a nested wait: a
+      replacement thread serves meanwhile), ``idle``, ``queued`` (requests waiting for a thread).
+    - ``peers``: per worker name: ``connections`` open, ``send_queue_bytes`` (bytes waiting
+      for that peer to read, bounded by ``RpcBackendOptions.max_send_queue_bytes``) and
+      ``calls_in_flight`` to it.  ``send_queue_bytes``: their total.
+    - ``shm``: same-host shared memory: ``out_segments``/``out_bytes`` mapped for sending and
+      ``out_busy`` of them held by peers now; ``in_segments``/``in_bytes`` of peers' segments
+      mapped here and ``in_lent``, those whose received message the application still holds.
+    - ``rrefs``: ``owned`` (values this worker owns), ``forks`` (RRefs to them alive anywhere,
+      the owner's count), ``early_releases`` (releases that overtook their fork's
+      announcement), ``releases_queued`` (releases of RRefs dropped here, not yet sent).
+
+    Raises:
+        RuntimeError: RPC is not initialized.
+        UnknownWorkerError: no worker has that name or rank.
+        RpcTimeoutError: the worker did not answer within ``timeout`` (-1: the default).
+    """
+    agent = _context.require_agent()
+    if worker is None:
+        return agent.statistics()
+    rank = agent.resolve(worker)
+    if rank == agent.rank:
+        return agent.statistics()
+    seconds = agent_timeout(agent, timeout)
+    stats: dict[str, Any] = agent.call(rank, _worker_stats, (), {}, seconds, counted=False).wait()
+    return stats
+
+
+def _worker_stats() -> dict[str, Any]:
+    """(RPC) This worker's ``get_stats()``."""
+    return _context.require_agent().statistics()
 
 
 def get_rpc_timeout() -> float:

@@ -118,6 +118,18 @@ class OwnerTable:
         with self._lock:
             return len(self._entries)
 
+    def statistics(self) -> dict[str, int]:
+        """What ``rpc.get_stats`` reports of RRefs (see its fields)."""
+        with self._lock:
+            forks = sum(len(entry.forks) for entry in self._entries.values())
+            owned, early = len(self._entries), len(self._early)
+        return {
+            "owned": owned,
+            "forks": forks,
+            "early_releases": early,
+            "releases_queued": len(self._releases),
+        }
+
     def create(self, rref_id: RRefId, fork: ForkId) -> Future[Any]:
         """Register the creator's ``fork``; return the value's Future for the creator to complete.
 
@@ -363,6 +375,7 @@ class RRef(Generic[T]):
         return WorkerInfo(self._agent.name_of(self._owner), self._owner)
 
     def owner_name(self) -> str:
+        """The name of the worker that owns the value."""
         return self._agent.name_of(self._owner)
 
     def is_owner(self) -> bool:

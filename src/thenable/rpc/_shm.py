@@ -178,6 +178,16 @@ class Outbox:
         self._closed = False
         self._serial = next(_OUTBOX_SERIALS)  # its key in _SPARES
 
+    def statistics(self) -> dict[str, int]:
+        """Segments mapped for sending, their bytes, and how many the peer holds now."""
+        with self._lock:
+            segments = list(self._segments.values())
+        return {
+            "segments": len(segments),
+            "bytes": sum(segment.size for segment in segments),
+            "busy": sum(segment.busy for segment in segments),
+        }
+
     def stage(self, buffers: Sequence[memoryview]) -> Staged | None:
         """Copy ``buffers`` into a free segment, or return None to send them by socket."""
         lengths = [buffer.nbytes for buffer in buffers]
@@ -421,6 +431,16 @@ class Inbox:
         self._lent: dict[int, weakref.ref[ctypes.Array[ctypes.c_ubyte]]] = {}
         self._descriptors: deque[int] = deque()
         self._closed = False
+
+    def statistics(self) -> dict[str, int]:
+        """The peer's segments mapped here, their bytes, and how many received messages
+        still hold one."""
+        with self._lock:
+            return {
+                "segments": len(self._mappings),
+                "bytes": sum(len(mapping) for mapping in self._mappings.values()),
+                "lent": len(self._lent),
+            }
 
     def add_descriptors(self, fds: Sequence[int]) -> None:
         """File descriptors received with the socket's data, in order; this Inbox owns them."""

@@ -57,6 +57,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from thenable import _recorder
 from thenable._future import _PER_THREAD
 from thenable.rpc import _recycled, _shm
 from thenable.rpc._errors import SendQueueFullError
@@ -238,7 +239,7 @@ class PeerConnection:
                 raise ConnectionError(f"connection to {self.description} is closed")
             staged = None
             if frame is None:
-                staged = self._outbox.stage(buffers) if self._outbox is not None else None
+                staged = self._stage(buffers) if self._outbox is not None else None
                 if staged is None:
                     frame = self._protocol.send_message(kind, request_id, header, buffers)
             if staged is None:
@@ -246,6 +247,19 @@ class PeerConnection:
                 self._write(frame, key=key)
             else:
                 self._send_staged(kind, request_id, header, staged, key)
+
+    def _stage(self, buffers: Sequence[memoryview]) -> _shm.Staged | None:
+        """Copy large buffers into shared memory (None: send them inline); traced as a span."""
+        assert self._outbox is not None
+        if not _recorder.recording:
+            return self._outbox.stage(buffers)
+        start = _recorder.now()
+        staged = self._outbox.stage(buffers)
+        if staged is not None:
+            size = sum(buffer.nbytes for buffer in buffers)
+            args = {"bytes": size, "segment": staged.segment_id, "peer": self.description}
+            _recorder.complete("shm copy", "shm", start, args)
+        return staged
 
     @contextlib.contextmanager
     def _sending(self) -> Iterator[None]:
@@ -409,6 +423,15 @@ class PeerConnection:
             while backlog and (backlog[0].dropped or not backlog[0].nbytes):
                 backlog.popleft()
         return True
+
+    def statistics(self) -> dict[str, Any]:
+        """This connection's queued bytes and shared memory, for ``rpc.get_stats``."""
+        stats: dict[str, Any] = {"send_queue_bytes": self._backlog_bytes}
+        if self._outbox is not None:
+            stats["shm_out"] = self._outbox.statistics()
+        if self._inbox is not None:
+            stats["shm_in"] = self._inbox.statistics()
+        return stats
 
     def drop(self, request_id: int) -> bool:
         """Take back a droppable message that waits untouched in the backlog (its call timed
@@ -796,6 +819,9 @@ class PeerConnection:
                 return None
             if flags == _shm.FLAG_STAGED and len(message.buffers) == 1:
                 buffers = self._inbox.unstage(message.buffers[0])
+                if _recorder.recording:
+                    size = sum(buffer.nbytes for buffer in buffers)
+                    _recorder.instant("shm receive", "shm", {"bytes": size})
                 return Message(message.kind, message.request_id, 0, message.header, buffers)
         raise ProtocolError(f"unexpected frame flags {flags:#x} from {self.description}")
 
