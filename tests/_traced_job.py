@@ -63,7 +63,7 @@ def stats(out: str) -> None:
     """Snapshots while a call is held in worker1's handler and an RRef lives on worker2."""
     held = rpc.rpc_async("worker1", wait_for_release)
     deadline = time.monotonic() + 30
-    while rpc.get_stats("worker1")["handlers"]["busy"] < 1:
+    while rpc.get_stats("worker1")["requests_unanswered"] < 1:
         assert time.monotonic() < deadline, "the held call never started"
     rref = rpc.remote("worker2", add, (1, 1))
     assert rref.to_here() == 2
@@ -74,6 +74,9 @@ def stats(out: str) -> None:
     }
     rpc.rpc_sync("worker1", release)
     assert held.wait() == "released"
+    # (remote()'s creation call may still be answering: every call ends, within the deadline)
+    while rpc.get_stats()["calls_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.001)
     snapshots["local_after"] = rpc.get_stats()
     del rref
     try:

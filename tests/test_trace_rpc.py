@@ -143,7 +143,7 @@ def test_get_stats_reports_calls_handlers_and_rrefs(tmp_path: Path) -> None:
     assert (local["worker"], local["rank"], local["state"]) == ("worker0", 0, "running")
     assert local["calls_in_flight"] >= 1 and local["peers"]["worker1"]["calls_in_flight"] == 1
     assert local["peers"]["worker1"]["connections"] >= 1
-    assert one["handlers"]["busy"] >= 1 and one["requests_unanswered"] >= 1
+    assert one["requests_unanswered"] >= 1  # (run by a pool thread, or inline by a reader)
     assert set(one["handlers"]) == {"size", "threads", "busy", "blocked", "idle", "queued"}
     assert two["rrefs"]["owned"] >= 1 and two["rrefs"]["forks"] >= 1
     assert set(local["shm"]) == {

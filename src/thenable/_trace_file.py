@@ -12,7 +12,8 @@ a truncated last line is skipped.
 which Perfetto and chrome://tracing open): a process per part, a track per thread, flow arrows
 from each call to its handler and back.  Clocks: parts from the merging host share its clock
 (``CLOCK_MONOTONIC``, the same boot) and are not shifted; the others are shifted by their
-samples, interpolated linearly between the first and the last, then by the least constant that
+samples (interpolated linearly between the first and the last when they differ by more than
+their round trips' uncertainty, else the shortest round trip's), then by the least constant that
 puts every flow's end at or after its start (the arrows' causality bounds what the samples'
 round trips leave uncertain).
 """
@@ -189,6 +190,13 @@ class _Clock:
         own = part["process"].get("boot_id")
         self.exact = bool(own) and own == reference["process"].get("boot_id")
         samples = sorted(part.get("clock") or [])
+        if len(samples) > 1:
+            first, last = samples[0], samples[-1]
+            if abs(last[1] - first[1]) <= (first[2] + last[2]) / 2:
+                # No drift measurable beyond the round trips' uncertainty: one offset, that of
+                # the shortest round trip (a line through two noisy ends would tilt the whole
+                # part, which no constant shift below could straighten).
+                samples = [min(samples, key=lambda sample: sample[2])]
         self.samples: list[list[int]] = [] if self.exact else samples
         self.method = "same host clock" if self.exact else ("rpc" if samples else "none")
         self.correction = 0  # set by _order_flows
@@ -279,16 +287,17 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for tid, name in part["threads"].items():
             out.append(_meta("thread_name", pid, int(tid), {"name": name}))
         for phase, name, category, ts, value, args, tid in part["events"]:
+            begin = clock(ts)
             event: dict[str, Any] = {
                 "ph": phase,
                 "name": name,
                 "cat": category,
-                "ts": round((clock(ts) - origin) / 1000, 3),
+                "ts": round((begin - origin) / 1000, 3),
                 "pid": pid,
                 "tid": tid,
             }
-            if phase == "X":
-                event["dur"] = round(value / 1000, 3)
+            if phase == "X":  # (its end mapped too: drift must not break the nesting)
+                event["dur"] = round((clock(ts + value) - begin) / 1000, 3)
             elif phase == "i":
                 event["s"] = "t"
             else:

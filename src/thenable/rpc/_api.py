@@ -249,7 +249,9 @@ def get_stats(
       the callee's late reply (or the connection's end).
     - ``handlers``: the pool that runs incoming requests: ``size`` (threads it keeps),
       ``threads`` (alive), ``busy`` (running a request), ``blocked`` (in a nested wait: a
-      replacement thread serves meanwhile), ``idle``, ``queued`` (requests waiting for a thread).
+      replacement thread serves meanwhile), ``idle``, ``queued`` (requests waiting for a
+      thread).  A quick request may also run on the thread that read it, outside the pool:
+      it counts in ``requests_unanswered`` only.
     - ``peers``: per worker name: ``connections`` open, ``send_queue_bytes`` (bytes waiting
       for that peer to read, bounded by ``RpcBackendOptions.max_send_queue_bytes``) and
       ``calls_in_flight`` to it.  ``send_queue_bytes``: their total.
