@@ -30,12 +30,15 @@ def plot_trace(
     *,
     title: str = "",
     categories: tuple[str, ...] | None = None,
+    last_ms: float | None = None,
 ) -> Path:
     """Draw ``trace`` (a merged Chrome trace) to ``path`` (PNG, SVG...: by its suffix).
 
     Args:
         title: the picture's title.
         categories: span categories to draw (default: all); rows without spans are left out.
+        last_ms: draw only the trace's last milliseconds (the steady state of a run, past its
+            start-up); None draws it all.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install matplotlib``).
@@ -54,6 +57,8 @@ def plot_trace(
     order: dict[int, int] = {}
     spans: dict[tuple[int, int], list[tuple[float, float, str]]] = defaultdict(list)
     flows: dict[Any, dict[str, tuple[float, tuple[int, int]]]] = defaultdict(dict)
+    finishes = [e["ts"] + e.get("dur", 0) for e in trace["traceEvents"] if e["ph"] != "M"]
+    since = max(finishes, default=0) - last_ms * 1000 if last_ms is not None else float("-inf")
     for event in trace["traceEvents"]:
         phase, key = event["ph"], (event["pid"], event["tid"])
         if phase == "M":
@@ -64,8 +69,10 @@ def plot_trace(
             elif event["name"] == "thread_name":
                 names[key] = event["args"]["name"]
         elif phase == "X" and (categories is None or event.get("cat") in categories):
-            spans[key].append((event["ts"], event["dur"], event.get("cat", "")))
-        elif phase in ("s", "f"):
+            begin, end = max(event["ts"], since), event["ts"] + event["dur"]
+            if end >= since:
+                spans[key].append((begin, end - begin, event.get("cat", "")))
+        elif phase in ("s", "f") and event["ts"] >= since:
             flows[event["id"]][phase] = (event["ts"], key)
     rows = sorted(spans, key=lambda k: (order.get(k[0], k[0]), k[0], min(s[0] for s in spans[k])))
     index = {key: i for i, key in enumerate(rows)}

@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("trace", help="a merged trace (JSON)")
     plot.add_argument("-o", "--output", required=True, help="the picture (.png, .svg...)")
     plot.add_argument("--title", default="", help="the picture's title")
+    plot.add_argument("--last-ms", type=float, help="draw only the trace's last milliseconds")
     options = parser.parse_args(argv)
     if options.command == "trace":
         return _trace_command(parser, options)
@@ -94,7 +95,7 @@ def _trace_command(parser: argparse.ArgumentParser, options: argparse.Namespace)
         trace = json.loads(Path(options.trace).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         parser.error(f"cannot read the trace {options.trace}: {exc}")
-    plot_trace(trace, options.output, title=options.title)
+    plot_trace(trace, options.output, title=options.title, last_ms=options.last_ms)
     print(f"drew {options.trace} to {options.output}")
     return 0
 
