@@ -164,3 +164,19 @@ def test_get_stats_needs_rpc() -> None:
 
     with pytest.raises(RuntimeError, match="init_rpc"):
         rpc.get_stats()
+
+
+def test_the_readme_demo_traced_gives_one_valid_merged_file(tmp_path: Path) -> None:
+    """The README's first command, with THENABLE_TRACE: one file Perfetto's importer takes."""
+    demo = Path(__file__).parents[1] / "examples" / "async_execution.py"
+    command = [sys.executable, "-m", "thenable", "launch", "-n", "3", str(demo)]
+    env = {**os.environ, "THENABLE_TRACE": str(tmp_path)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    check_trace(trace)
+    assert len(trace["otherData"]["processes"]) == 3
+    spans = by_process(trace)
+    assert named(spans["worker1"], "async_execution done")  # (worker1 runs the async functions)
+    assert named(spans["worker2"], "handle torch.add")  # (which call torch.add on worker2)
+    assert arrows(trace)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,10 @@ def uninstall() -> None:
 
 
 def name_of(fn: object) -> str:
-    """A short name for a function in a span: its qualified name, or its type's."""
+    """A short name for a function in a span: its qualified name, or its type's (a builtin:
+    its module and name, as ``torch.add`` rather than ``_VariableFunctionsClass.add``)."""
+    if isinstance(fn, types.BuiltinFunctionType) and isinstance(fn.__module__, str):
+        return f"{fn.__module__}.{fn.__name__}"
     name = getattr(fn, "__qualname__", None)
     if not isinstance(name, str):
         name = getattr(fn, "__name__", None)
