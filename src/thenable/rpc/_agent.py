@@ -407,7 +407,7 @@ class Agent:
             for pending in self._pending.values():
                 to = self.name_of(pending.peer_rank)
                 in_flight[to] = in_flight.get(to, 0) + 1
-            unanswered, late = self._unanswered, len(self._late_holds)
+            unanswered, late, issued = self._unanswered, len(self._late_holds), self._issued
             connections = [c for c in self._all_connections if not c.closed]
             state = self._state.name.lower()
         pool = self.pool.statistics()
@@ -433,7 +433,7 @@ class Agent:
             "rank": self.rank,
             "state": state,
             "calls_in_flight": sum(in_flight.values()),
-            "calls_issued": self._issued,
+            "calls_issued": issued,
             "requests_unanswered": unanswered,
             "timed_out_holding_rrefs": late,
             "handlers": {
