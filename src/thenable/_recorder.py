@@ -25,7 +25,18 @@ import time
 from collections import deque
 from typing import Any
 
-__all__ = ["Capture", "Event", "active", "complete", "flow", "instant", "now", "recording"]
+__all__ = [
+    "Capture",
+    "Event",
+    "active",
+    "complete",
+    "flow",
+    "flow_in_span",
+    "instant",
+    "now",
+    "recording",
+    "refuse_if_recording",
+]
 
 Event = tuple[str, str, str, int, int, Any]
 
@@ -77,11 +88,7 @@ class Capture:
         """
         global _ACTIVE, recording
         with _STATE_LOCK:
-            if _ACTIVE is not None:
-                raise RuntimeError(
-                    "a trace is already recording in this process (thenable.trace() or "
-                    "THENABLE_TRACE); stop it before starting another"
-                )
+            refuse_if_recording()
             self.start_ns = now()
             _ACTIVE = self
             recording = True
@@ -131,6 +138,15 @@ def active() -> Capture | None:
     return _ACTIVE
 
 
+def refuse_if_recording() -> None:
+    """Raise RuntimeError if a capture is active: one trace at a time in a process."""
+    if _ACTIVE is not None:
+        raise RuntimeError(
+            "a trace is already recording in this process (thenable.trace() or "
+            "THENABLE_TRACE); stop it before starting another"
+        )
+
+
 # Where events go when no capture is active (a thread that checked ``recording`` just before
 # the capture stopped): nowhere.
 _DISCARD: deque[Event] = deque(maxlen=0)
@@ -172,3 +188,11 @@ def flow(phase: str, flow_id: int, category: str) -> None:
     Each end binds to the span that encloses it on its thread, so record it inside one.
     """
     _events().append((phase, category, category, now(), flow_id, None))
+
+
+def flow_in_span(phase: str, flow_id: int, category: str) -> int:
+    """Start a span with one end of a flow arrow in it: record the end, and return the
+    span's start (pass it to ``complete`` when the span ends)."""
+    start = now()
+    _events().append((phase, category, category, start, flow_id, None))
+    return start

@@ -63,6 +63,22 @@ def set_peers(peers: PeerTracing | None) -> None:
     _peers = peers
 
 
+def start_recording(capture: _recorder.Capture) -> None:
+    """Make ``capture`` the active one and swap the traced Future/fork methods in.
+
+    Raises:
+        RuntimeError: a trace already records in this process.
+    """
+    capture.start()
+    _trace_hooks.install()
+
+
+def stop_recording(capture: _recorder.Capture) -> None:
+    """Stop ``capture`` and put the untraced methods back (idempotent)."""
+    capture.stop()
+    _trace_hooks.uninstall()
+
+
 def process_header() -> dict[str, Any]:
     """This process's header for a part: its worker identity when RPC runs."""
     peers = _peers
@@ -108,23 +124,17 @@ class Trace:
         Raises:
             RuntimeError: a trace already records in this process.
         """
-        if _recorder.active() is not None:
-            self._capture.start()  # (raises, saying so)
+        _recorder.refuse_if_recording()  # (before the peers start)
         peers = _peers if self._all_workers else None
         if peers is not None:
             self._peers_started = peers.start(self._capture.capacity)
             self._peers = peers
         try:
-            self._capture.start()
+            start_recording(self._capture)
         except RuntimeError:
             self._stop_peers()  # (a trace started here meanwhile)
             raise
-        _trace_hooks.install()
         return self
-
-    def _stop_here(self) -> None:
-        self._capture.stop()
-        _trace_hooks.uninstall()
 
     def _stop_peers(self) -> tuple[list[dict[str, Any]], list[str]]:
         peers, self._peers = self._peers, None
@@ -136,7 +146,7 @@ class Trace:
         """Stop recording everywhere, merge, write ``path`` (if any); return the trace."""
         if self.result is not None:
             return self.result
-        self._stop_here()
+        stop_recording(self._capture)
         own = _trace_file.make_part(process_header(), self._capture, self._capture.drain())
         theirs, problems = self._stop_peers()
         parts = [own, *theirs]
@@ -185,8 +195,7 @@ class EnvironmentTrace:
         self.part = _trace_file.PartFile(self.part_path, header)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self.capture.start()
-        _trace_hooks.install()
+        start_recording(self.capture)
         self._flusher = threading.Thread(
             target=self._flush_every, name="thenable-trace-flush", daemon=True
         )
@@ -219,8 +228,7 @@ class EnvironmentTrace:
     def finish(self) -> dict[str, Any]:
         """Stop recording, close the part file, and return the part read back from it."""
         self._stopped.set()
-        self.capture.stop()
-        _trace_hooks.uninstall()
+        stop_recording(self.capture)
         with self._lock:
             self.part.write(self.capture.drain())
             self.part.close(self.capture)

@@ -255,14 +255,14 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("merge() needs at least one trace part")
     reference = parts[0]
     clocks = [_Clock(part, reference) for part in parts]
-    # Flow ends, aligned by the samples; fork arrows (odd ids) stay within their process.
+    # Flow ends, aligned by the samples.
     ends: dict[Any, dict[str, tuple[int, int]]] = {}
     for index, part in enumerate(parts):
         clock = clocks[index]
         for recorded in part["events"]:
             phase = recorded[0]
             if phase == "s" or phase == "f":
-                key = (index, recorded[4]) if recorded[4] % 2 else recorded[4]
+                key = _flow_key(index, recorded[4])
                 ends.setdefault(key, {})[phase] = (index, clock(recorded[3]))
     _order_flows(clocks, ends)
     # Arrows with one end only (the other fell before the trace started, or out of a full
@@ -301,7 +301,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             elif phase == "i":
                 event["s"] = "t"
             else:
-                key = (index, value) if value % 2 else value
+                key = _flow_key(index, value)
                 if key not in whole:
                     continue
                 event["id"] = flow_ids.setdefault(key, len(flow_ids) + 1)
@@ -325,6 +325,12 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
             ],
         },
     }
+
+
+def _flow_key(part_index: int, flow_id: int) -> Any:
+    """Which arrow a flow end belongs to: fork arrows (odd ids, counted per process) stay
+    within their part; RPC arrows (even ids, from the caller's rank) join parts."""
+    return (part_index, flow_id) if flow_id % 2 else flow_id
 
 
 def _meta(name: str, pid: int, tid: int, args: dict[str, Any]) -> dict[str, Any]:

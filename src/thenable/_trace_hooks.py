@@ -24,16 +24,14 @@ from thenable._pool import InteropPool
 
 __all__ = ["install", "installed", "uninstall"]
 
-_ORIGINALS: dict[tuple[type, str], Any] = {
-    (Future, "then"): Future.then,
-    (Future, "add_done_callback"): Future.add_done_callback,
-    (Future, "_block"): Future._block,
-    (InteropPool, "_submit"): InteropPool._submit,
-}
+_plain_then = Future.then
+_plain_add_done_callback = Future.add_done_callback
+_plain_block = Future._block
+_plain_submit = InteropPool._submit
 _LOCK = threading.Lock()
 _installed = False
 _flow_ids = itertools.count(1)
-# Flow ids of fork arrows are odd; the RPC layer's are even (see thenable.rpc._tracing).
+# Flow ids of fork arrows are odd; the RPC layer's are even (see thenable.rpc._agent.flow_id).
 
 
 def installed() -> bool:
@@ -47,10 +45,8 @@ def install() -> None:
     with _LOCK:
         if _installed:
             return
-        Future.then = _traced_then  # type: ignore[method-assign]
-        Future.add_done_callback = _traced_add_done_callback  # type: ignore[method-assign]
-        Future._block = _traced_block  # type: ignore[method-assign]
-        InteropPool._submit = _traced_submit  # type: ignore[method-assign]
+        for (cls, name), traced in _TRACED.items():
+            setattr(cls, name, traced)
         _installed = True
 
 
@@ -95,12 +91,6 @@ class _Callback:
             _recorder.complete(self.span, "callback", start)
 
 
-_plain_then = Future.then
-_plain_add_done_callback = Future.add_done_callback
-_plain_block = Future._block
-_plain_submit = InteropPool._submit
-
-
 def _traced_then(self: Future[Any], callback: Callable[[Future[Any]], Any]) -> Future[Any]:
     if not callable(callback):  # (the plain method says so, naming the callback)
         return _plain_then(self, callback)
@@ -134,8 +124,7 @@ class _Task:
         self.queued_ns = _recorder.now()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        start = _recorder.now()
-        _recorder.flow("f", self.flow_id, "fork")
+        start = _recorder.flow_in_span("f", self.flow_id, "fork")
         try:
             return self.fn(*args, **kwargs)
         finally:
@@ -155,3 +144,18 @@ def _traced_submit(
         return _plain_submit(self, task, args, kwargs)
     finally:
         _recorder.complete(f"fork {name_of(fn)}", "fork", start)
+
+
+# Each swapped method: its untraced original (what uninstall() puts back) and its traced one.
+_ORIGINALS: dict[tuple[type, str], Any] = {
+    (Future, "then"): _plain_then,
+    (Future, "add_done_callback"): _plain_add_done_callback,
+    (Future, "_block"): _plain_block,
+    (InteropPool, "_submit"): _plain_submit,
+}
+_TRACED: dict[tuple[type, str], Any] = {
+    (Future, "then"): _traced_then,
+    (Future, "add_done_callback"): _traced_add_done_callback,
+    (Future, "_block"): _traced_block,
+    (InteropPool, "_submit"): _traced_submit,
+}

@@ -412,8 +412,9 @@ class Agent:
             state = self._state.name.lower()
         pool = self.pool.statistics()
         peers: dict[str, dict[str, Any]] = {}
-        shm = {"out_segments": 0, "out_bytes": 0, "out_busy": 0, "in_segments": 0}
-        shm.update(in_bytes=0, in_lent=0)
+        shm = dict.fromkeys(
+            ("out_segments", "out_bytes", "out_busy", "in_segments", "in_bytes", "in_lent"), 0
+        )
         for conn in connections:
             stats = conn.statistics()
             peer = peers.setdefault(
@@ -666,11 +667,10 @@ class Agent:
             return  # it timed out or was failed already; the late reply is dropped
         if pending.timeout > 0:
             self._deadlines.cancel(message.request_id, pending.timeout)
+        start = 0
         if _recorder.recording:
-            start = _recorder.now()
-            _recorder.flow("f", flow_id(self.rank, message.request_id, True), "rpc reply")
-        else:
-            start = 0
+            arrow = flow_id(self.rank, message.request_id, True)
+            start = _recorder.flow_in_span("f", arrow, "rpc reply")
         try:
             with _context.receiving(self, pending.peer_rank) as received:
                 if message.kind is MessageKind.RESPONSE:
@@ -726,9 +726,8 @@ class Agent:
     def _serve_traced(self, link: Any, message: Message, received_ns: int = 0) -> None:
         """``_serve``, recorded as a span with the arrow from its call; ``queued_us`` is the
         time from the request's arrival to its handler's start (0: run where it arrived)."""
-        start = _recorder.now()
         peer, request_id = link.peer_rank, message.request_id
-        _recorder.flow("f", flow_id(peer, request_id, False), "rpc")
+        start = _recorder.flow_in_span("f", flow_id(peer, request_id, False), "rpc")
         fn = self._serve(link, message)
         queued_us = round((start - received_ns) / 1000, 3) if received_ns else 0.0
         self._traced(f"handle {name_of(fn)}", start, peer, request_id, queued_us=queued_us)
@@ -836,11 +835,10 @@ class Agent:
         buffers: list[memoryview],
         defer: bool = False,
     ) -> bool:
+        start = 0
         if _recorder.recording:
-            start = _recorder.now()
-            _recorder.flow("s", flow_id(link.peer_rank, request_id, True), "rpc reply")
-        else:
-            start = 0
+            arrow = flow_id(link.peer_rank, request_id, True)
+            start = _recorder.flow_in_span("s", arrow, "rpc reply")
         try:
             link.send(kind, request_id, header, buffers, defer=defer)
         except ConnectionError as exc:

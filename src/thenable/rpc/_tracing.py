@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from thenable import _recorder, _trace, _trace_file, _trace_hooks
+from thenable import _recorder, _trace, _trace_file
 from thenable.rpc._agent import Agent
 
 __all__ = [
@@ -117,11 +117,10 @@ def _start_here(capacity: int) -> None:
     with _REMOTE_LOCK:
         capture = _recorder.Capture(capacity)
         try:
-            capture.start()
+            _trace.start_recording(capture)
         except RuntimeError as exc:
             _LOGGER.warning("trace: not recording for another worker's trace: %s", exc)
             return
-        _trace_hooks.install()
         _remote = capture
 
 
@@ -132,8 +131,7 @@ def _stop_here() -> dict[str, Any]:
         capture, _remote = _remote, None
     if capture is None:
         raise RuntimeError("this worker is not recording a trace (it was not started here)")
-    capture.stop()
-    _trace_hooks.uninstall()
+    _trace.stop_recording(capture)
     return _trace_file.make_part(_trace.process_header(), capture, capture.drain())
 
 
