@@ -1,7 +1,14 @@
 """thenable: futures, fork/join tasks and RPC in the shape of torch's, for any Python program.
 
-The public front: everything here is re-exported from private modules.
+The public front: everything here is re-exported from private modules.  ``trace`` and
+``Trace`` are imported on first use (tracing's modules cost ``import thenable`` about 15 ms
+that a program which never traces need not pay), unless ``THENABLE_TRACE`` asks to trace the
+whole process.
 """
+
+import os as _os
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from thenable._aio import from_asyncio as from_asyncio
 from thenable._aio import from_concurrent as from_concurrent
@@ -19,9 +26,6 @@ from thenable._pool import fork as fork
 from thenable._pool import get_num_interop_threads as get_num_interop_threads
 from thenable._pool import set_num_interop_threads as set_num_interop_threads
 from thenable._pool import wait as wait
-from thenable._trace import Trace as Trace
-from thenable._trace import start_from_environment as _start_from_environment
-from thenable._trace import trace as trace
 
 __version__ = "0.1.0"
 """This release's version."""
@@ -48,4 +52,20 @@ __all__ = (
     "wait_all",
 )
 
-_start_from_environment()  # THENABLE_TRACE=<dir>: trace this whole process
+if _TYPE_CHECKING:
+    from thenable._trace import Trace as Trace
+    from thenable._trace import trace as trace
+
+
+def __getattr__(name: str) -> _Any:
+    if name in ("trace", "Trace"):
+        from thenable import _trace
+
+        return getattr(_trace, name)
+    raise AttributeError(f"module 'thenable' has no attribute {name!r}")
+
+
+if _os.environ.get("THENABLE_TRACE"):  # trace this whole process (see thenable._trace)
+    from thenable._trace import start_from_environment as _start_from_environment
+
+    _start_from_environment()
