@@ -18,7 +18,7 @@ import numpy as np
 
 from thenable import rpc
 from thenable.futures import Future
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 
 def init(
@@ -193,7 +193,7 @@ def wait_for_connection_loss(to: str, timeout: float) -> tuple[str, str, float]:
 
 
 def pending_calls() -> int:
-    return _context.require_agent().pending_count()
+    return _agent.require_agent().pending_count()
 
 
 def shutdown(graceful: bool) -> None:

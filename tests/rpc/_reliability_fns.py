@@ -28,7 +28,7 @@ from _harness import Failure
 
 import thenable.futures
 from thenable import rpc
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 MIB = 1 << 20
 # A gated handler gives up after this long: far beyond any test (its worker is killed first).
@@ -43,7 +43,7 @@ shutdown_worker = _remote_fns.shutdown_worker
 
 
 def pending_calls() -> int:
-    return _context.require_agent().pending_count()
+    return _agent.require_agent().pending_count()
 
 
 def memory_kib() -> dict[str, int]:

@@ -31,7 +31,7 @@ from _harness import Failure, failure_of, join_thenable_threads
 
 import thenable.futures
 from thenable import rpc
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 # Bound on any wait inside a worker (gates, conditions); far beyond what a test needs.
 WAIT_S = 30.0
@@ -79,7 +79,7 @@ def init_failure(
     start = time.monotonic()
     failure = failure_of(init_worker, rank, world_size, port, name=name, rpc_timeout=rpc_timeout)
     elapsed = time.monotonic() - start
-    return failure, elapsed, _context.current_agent() is None, join_thenable_threads(5.0)
+    return failure, elapsed, _agent.current_agent() is None, join_thenable_threads(5.0)
 
 
 def init_from_env() -> tuple[str, int]:
@@ -95,12 +95,12 @@ def shutdown_worker(graceful: bool = True, timeout: float = 0) -> None:
 
 def shutdown_if_running(timeout: float = 20.0) -> None:
     """Graceful shutdown (bounded), unless a test has shut this worker down already."""
-    if _context.current_agent() is not None:
+    if _agent.current_agent() is not None:
         rpc.shutdown(timeout=timeout)
 
 
 def listener_address() -> tuple[str, int]:
-    address = _context.require_agent().listener.address
+    address = _agent.require_agent().listener.address
     assert isinstance(address, tuple)
     host, port = address
     return str(host), int(port)
@@ -216,7 +216,7 @@ def return_lock() -> threading.Lock:
 
 
 def pending_calls() -> int:
-    return _context.require_agent().pending_count()
+    return _agent.require_agent().pending_count()
 
 
 # Gates: handlers that block until a test opens them (always with a bound).
@@ -505,7 +505,7 @@ def check_calls_during_a_slow_import(module: str) -> dict[str, Any]:
         del held  # made before the import: its release is sent during it
         gc.collect()
         # The release must reach the owner (and the releaser thread survive).
-        out["flush"] = _attempt(_context.require_agent().rrefs.flush, 5.0)
+        out["flush"] = _attempt(_agent.require_agent().rrefs.flush, 5.0)
     finally:
         resume.set()
         importer.join(WAIT_S)
@@ -687,7 +687,7 @@ def owner_table_size() -> int:
     """How many RRef values this worker owns (the owner table's size), once the references
     this worker dropped itself are released."""
     settle_references()
-    return len(_context.require_agent().rrefs)
+    return len(_agent.require_agent().rrefs)
 
 
 def hold(tag: str, rref: rpc.RRef[Any]) -> str:
@@ -700,7 +700,7 @@ def drop(tag: str) -> None:
     """Drop the reference ``hold`` kept, and send its release to the owner now."""
     del _HELD[tag]
     gc.collect()
-    _context.require_agent().rrefs.flush(WAIT_S)
+    _agent.require_agent().rrefs.flush(WAIT_S)
 
 
 def rref_view(rref: rpc.RRef[Counter]) -> dict[str, Any]:
@@ -730,7 +730,7 @@ def make_remote_rref(owner: str, start: int) -> rpc.RRef[Counter]:
 def settle_references() -> None:
     """Free this worker's dropped RRefs and send their releases now."""
     gc.collect()
-    _context.require_agent().rrefs.flush(WAIT_S)
+    _agent.require_agent().rrefs.flush(WAIT_S)
 
 
 def _settle_everywhere() -> None:
@@ -755,7 +755,7 @@ def _poll_table(owner: str, expected: int) -> tuple[int, int]:
     size = -1
     for attempt in range(POLL_ROUND_TRIPS):
         gc.collect()
-        _context.require_agent().rrefs.flush(WAIT_S)
+        _agent.require_agent().rrefs.flush(WAIT_S)
         size = rpc.rpc_sync(owner, owner_table_size)
         if size == expected:
             return size, attempt
@@ -878,7 +878,7 @@ def check_refcount_user_rref(tag: str) -> dict[str, Any]:
     out["held_by_worker2"] = rpc.rpc_sync("worker2", hold, args=(tag, rref))
     del rref
     gc.collect()
-    _context.require_agent().rrefs.flush(WAIT_S)
+    _agent.require_agent().rrefs.flush(WAIT_S)
     out["while_worker2_holds"] = (
         rpc.rpc_sync("worker1", owner_table_size) - base,
         rpc.rpc_sync("worker1", tracked_alive, args=(tag,)),
@@ -893,7 +893,7 @@ def check_refcount_user_rref(tag: str) -> dict[str, Any]:
 def check_refcount_owner_rref(tag: str) -> dict[str, Any]:
     """worker0 owns a value; worker1 and worker2 (through worker1) hold references."""
     out: dict[str, Any] = {}
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     _settle_everywhere()
     base = len(agent.rrefs)
     rref = rpc.RRef(make_tracked(tag))
@@ -924,7 +924,7 @@ def take_rref(rref: rpc.RRef[Any]) -> str:
 
 def early_releases() -> int:
     """How many releases the owner table keeps waiting for their fork's registration."""
-    return len(_context.require_agent().rrefs._early)
+    return len(_agent.require_agent().rrefs._early)
 
 
 def check_refcount_churn(tag: str, rounds: int) -> dict[str, Any]:
@@ -995,7 +995,7 @@ def check_rref_kept_over_shutdown(tag: str) -> str:
 
 def shutdown_and_report_leaks() -> dict[str, Any]:
     """Graceful shutdown, then: owner table size, tracked values alive, thenable threads."""
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     rpc.shutdown()
     _HELD.clear()  # the RRefs outlived RPC: dropping them now must be harmless
     return {
@@ -1022,7 +1022,7 @@ def gated_value(i: int) -> int:
 
 
 def agent_state() -> str:
-    return _context.require_agent().state.value
+    return _agent.require_agent().state.value
 
 
 def open_gate_when_caller_shuts_down(count: int) -> str:
@@ -1105,6 +1105,6 @@ def timed_shutdown(graceful: bool = True, timeout: float = 0) -> tuple[Any, floa
 def call_everyone() -> list[str]:
     """rpc_async to every other worker at once; the names that answered."""
     me = rpc.get_worker_info()
-    world = int(_context.require_agent().world_size)
+    world = int(_agent.require_agent().world_size)
     futures = [rpc.rpc_async(rank, whoami) for rank in range(world) if rank != me.id]
     return thenable.futures.wait_all(futures, timeout=WAIT_S)

@@ -27,7 +27,7 @@ from _remote_fns import (
 )
 
 from thenable import rpc
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 WORKERS = ("worker0", "worker1", "worker2", "worker3")
 
@@ -300,5 +300,5 @@ def check_timed_out_request_keeps_its_rref() -> dict[str, Any]:
             break
     out["read"] = rpc.rpc_sync("worker1", recorded, args=(tag,))
     out["left"] = _owner_table_after_settling(base)
-    out["pending"] = len(_context.require_agent()._late_holds)
+    out["pending"] = len(_agent.require_agent()._late_holds)
     return out

@@ -20,7 +20,7 @@ import _harness
 import _remote_fns
 
 from thenable import rpc
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 # What a segment's mapping is called in /proc/<pid>/maps (see _shm.Outbox._create).
 MEMFD_NAME = "memfd:thenable-rpc"
@@ -44,7 +44,7 @@ def shutdown_and_count(graceful: bool = True) -> tuple[int, int]:
     The connections are kept alive meanwhile, so that only their closing can have unmapped
     their segments (not the garbage collector).
     """
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     with agent._lock:
         keep = list(agent._all_connections)
     before = memfd_mappings()
@@ -118,7 +118,7 @@ def _in_shared_memory(value: Any) -> bool:
 
 
 def _open_connections() -> list[Any]:
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     with agent._lock:
         return list(agent._all_connections)
 
@@ -159,7 +159,7 @@ def report() -> dict[str, Any]:
 
 def link_kinds(peers: list[str]) -> dict[str, Any]:
     """Call every peer once, then say which of this worker's links are Unix-domain."""
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     for peer in peers:
         rpc.rpc_sync(peer, noop)
     with agent._lock:
@@ -177,7 +177,7 @@ _HELD: list[Any] = []
 def hold_connections() -> int:
     """Keep this worker's connections alive (until drop_connections), so that only closing
     them can unmap their segments, not the garbage collector; how many."""
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     with agent._lock:
         _HELD.extend(agent._all_connections)
     return len(_HELD)

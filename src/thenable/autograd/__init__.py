@@ -24,7 +24,7 @@ from thenable.autograd._contexts import DistAutogradContext, current_id, release
 from thenable.autograd._contexts import set_current_id as _set_current_id
 from thenable.autograd._contexts import table as _table
 from thenable.autograd._engine import BackwardError, check_roots, run_backward
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 __all__ = (
     "BackwardError",
@@ -50,7 +50,7 @@ class context:  # lower case: torch's name, used as `with dist_autograd.context(
         self._context_id: int | None = None
 
     def __enter__(self) -> int:
-        agent = _context.require_agent()
+        agent = _agent.require_agent()
         if current_id() is not None:
             raise RuntimeError(
                 "Already have an autograd context id for this thread: distributed autograd "
@@ -64,7 +64,7 @@ class context:  # lower case: torch's name, used as `with dist_autograd.context(
     def __exit__(self, *_: object) -> None:
         context_id, self._context_id = self._context_id, None
         _set_current_id(None)
-        agent = _context.current_agent()
+        agent = _agent.current_agent()
         if agent is not None and context_id is not None:
             release_everywhere(agent, context_id)
 
@@ -84,7 +84,7 @@ def backward(context_id: int, roots: list[Any], retain_graph: bool = False) -> N
         TypeError: ``roots`` is not a list of tensors.
     """
     del retain_graph
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     found = _table(agent).retrieve(context_id)
     run_backward(agent, found, check_roots(roots))
 

@@ -16,7 +16,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from thenable.rpc import _context
+from thenable.rpc import _agent
 
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
@@ -260,7 +260,7 @@ _TABLES_LOCK = threading.Lock()
 def table(agent: Agent | None = None) -> ContextTable:
     """The context table of ``agent`` (by default the running one)."""
     if agent is None:
-        agent = _context.require_agent()
+        agent = _agent.require_agent()
     found = _TABLES.get(agent)
     if found is None:
         with _TABLES_LOCK:
@@ -305,6 +305,6 @@ def release_everywhere(agent: Agent, context_id: int, source: int | None = None)
 
 
 def _release_notified(context_id: int, source: int) -> None:
-    agent = _context.current_agent()
+    agent = _agent.current_agent()
     if agent is not None:  # (else this worker shuts down: its contexts are gone with it)
         release_everywhere(agent, context_id, source)

@@ -26,7 +26,7 @@ from thenable._errors import as_runtime_error
 from thenable._future import Future
 from thenable.autograd import _contexts, _grad_field
 from thenable.autograd._torch import torch
-from thenable.rpc import _context
+from thenable.rpc import _agent
 from thenable.rpc.functions import async_execution
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def _all_done(calls: list[Future[Any]]) -> Future[None]:
 @async_execution
 def _propagate(context_id: int, message_id: int, grads: list[Any]) -> Future[None]:
     """On the worker that sent message ``message_id``: continue the pass from its tensors."""
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     context = _contexts.table(agent).retrieve(context_id)
     tensors = context.sent_tensors(message_id)
     return local_pass(agent, context, list(zip(tensors, grads, strict=True)))
@@ -216,5 +216,5 @@ def _backward_here(agent: Agent, context_id: int, root: Any) -> Future[None]:
 
 @async_execution
 def _backward_on_owner(rref: Any, context_id: int) -> Future[None]:
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     return _backward_here(agent, context_id, rref._owner_value(-1.0))

@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from thenable import _recorder
 from thenable._future import Future
@@ -1020,6 +1020,20 @@ class _Deadlines:
                     self._expire(request_id, timeout)
                 except Exception:
                     _LOGGER.exception("failing RPC request %d at its timeout failed", request_id)
+
+
+def current_agent() -> Agent | None:
+    """This process's agent (``init_rpc`` sets it), if any.
+
+    ``_context`` holds it for the layers below the agent, which see it as a ``Worker``; the
+    layers above take it from here, as the ``Agent`` it is.
+    """
+    return cast("Agent | None", _context.current_agent())
+
+
+def require_agent() -> Agent:
+    """This process's agent, or the RuntimeError telling the user to call ``init_rpc``."""
+    return cast(Agent, _context.require_agent())
 
 
 def flow_id(caller_rank: int, request_id: int, reply: bool) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from thenable._future import Future
-from thenable.rpc import _context, _tracing
+from thenable.rpc import _agent, _context, _tracing
 from thenable.rpc._agent import Agent
 from thenable.rpc._options import (
     RpcBackendOptions,
@@ -80,7 +80,7 @@ def init_rpc(
         RpcTimeoutError: the other workers did not all join within ``rpc_timeout``; the
             message names the missing ranks.
     """
-    if _context.current_agent() is not None:
+    if _agent.current_agent() is not None:
         raise RuntimeError(
             "init_rpc() was already called in this process; call shutdown() before starting "
             "RPC again"
@@ -144,7 +144,7 @@ def shutdown(graceful: bool = True, timeout: float = 0) -> None:
         RuntimeError: RPC is not running in this process.
         TimeoutError: the graceful part did not finish in time (the worker is stopped anyway).
     """
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     try:
         if graceful:
             deadline = time.monotonic() + timeout if timeout else None
@@ -162,7 +162,7 @@ def shutdown(graceful: bool = True, timeout: float = 0) -> None:
 def _resolve_call(
     to: Any, func: Any, args: Any, kwargs: Any
 ) -> tuple[Agent, int, tuple[Any, ...], dict[str, Any]]:
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__qualname__}")
     if args is None:
@@ -267,7 +267,7 @@ def get_stats(
         UnknownWorkerError: no worker has that name or rank.
         RpcTimeoutError: the worker did not answer within ``timeout`` (-1: the default).
     """
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     if worker is None:
         return agent.statistics()
     rank = agent.resolve(worker)
@@ -280,7 +280,7 @@ def get_stats(
 
 def _worker_stats() -> dict[str, Any]:
     """(RPC) This worker's ``get_stats()``."""
-    return _context.require_agent().statistics()
+    return _agent.require_agent().statistics()
 
 
 def get_rpc_timeout() -> float:
@@ -289,7 +289,7 @@ def get_rpc_timeout() -> float:
     Raises:
         RuntimeError: RPC is not initialized.
     """
-    return _context.require_agent().rpc_timeout
+    return _agent.require_agent().rpc_timeout
 
 
 def _set_rpc_timeout(rpc_timeout: float) -> None:
@@ -301,7 +301,7 @@ def _set_rpc_timeout(rpc_timeout: float) -> None:
         RuntimeError: RPC is not initialized.
         TypeError, ValueError: ``rpc_timeout`` is not a number of seconds >= 0.
     """
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     if isinstance(rpc_timeout, bool) or not isinstance(rpc_timeout, (int, float)):
         raise TypeError(f"rpc_timeout must be seconds, got {rpc_timeout!r}")
     if not rpc_timeout >= 0:  # (NaN too)
@@ -315,4 +315,4 @@ def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
     Raises:
         ValueError: no worker has that name.
     """
-    return _context.require_agent().worker_info(worker_name)
+    return _agent.require_agent().worker_info(worker_name)

@@ -3,20 +3,26 @@
 The current agent (set by ``init_rpc``, cleared by ``shutdown``), and, while a message is being
 pickled or unpickled, which worker it goes to or comes from: an RRef needs that to register the
 new reference with its owner (see ``_rref``).
+
+The layers below the agent see it as a ``Worker``: the part of ``_agent.Agent`` they use, so that
+they need not import the agent (which imports them).  The layers above it get the ``Agent``
+itself from ``_agent.require_agent()``.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from thenable.rpc._agent import Agent
+    from thenable._future import Future
+    from thenable._pool import InteropPool
 
 __all__ = (
     "NO_FORKS",
     "ForkRecord",
+    "Worker",
     "current_agent",
     "receiving",
     "require_agent",
@@ -24,19 +30,45 @@ __all__ = (
     "set_agent",
 )
 
-_AGENT: Agent | None = None
+
+class Worker(Protocol):
+    """What the layers below the agent use of it (``_agent.Agent`` provides it)."""
+
+    name: str
+    rank: int
+    rpc_timeout: float
+    rrefs: Any  # its _rref.OwnerTable
+    pool: InteropPool
+
+    def name_of(self, rank: int) -> str: ...
+
+    def call(
+        self,
+        to_rank: int,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float,
+        *,
+        counted: bool = True,
+    ) -> Future[Any]: ...
+
+    def notify(self, to_rank: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None: ...
 
 
-def set_agent(agent: Agent | None) -> None:
+_AGENT: Worker | None = None
+
+
+def set_agent(agent: Worker | None) -> None:
     global _AGENT
     _AGENT = agent
 
 
-def current_agent() -> Agent | None:
+def current_agent() -> Worker | None:
     return _AGENT
 
 
-def require_agent() -> Agent:
+def require_agent() -> Worker:
     """The running agent, or a RuntimeError telling the user to call ``init_rpc`` first."""
     agent = _AGENT
     if agent is None:
@@ -103,7 +135,7 @@ class sending:  # lower case: used like a function, `with sending(...) as messag
     __slots__ = ("_is_request", "_saved", "grads", "record")
 
     def __init__(
-        self, agent: Agent, destination: int, *, is_request: bool, note_grads: bool = False
+        self, agent: Worker, destination: int, *, is_request: bool, note_grads: bool = False
     ) -> None:
         self._saved = (_LOCAL.agent, _LOCAL.destination, _LOCAL.sending)
         self._is_request = is_request
@@ -137,7 +169,7 @@ class receiving:  # lower case: used like a function
 
     __slots__ = ("_saved", "grad_tensors")
 
-    def __init__(self, agent: Agent, source: int) -> None:
+    def __init__(self, agent: Worker, source: int) -> None:
         self._saved = (_LOCAL.agent, _LOCAL.source, _LOCAL.receiving)
         self.grad_tensors: list[Any] = []
         _LOCAL.agent, _LOCAL.source, _LOCAL.receiving = agent, source, self
@@ -163,7 +195,7 @@ def note_received_grad(tensor: Any) -> None:
         message.grad_tensors.append(tensor)
 
 
-def sending_to() -> tuple[Agent, int, ForkRecord] | None:
+def sending_to() -> tuple[Worker, int, ForkRecord] | None:
     """(agent, destination, record) while a message is being pickled, else None."""
     message = _LOCAL.sending
     if message is None or _LOCAL.destination is None:
@@ -171,7 +203,7 @@ def sending_to() -> tuple[Agent, int, ForkRecord] | None:
     return _LOCAL.agent, _LOCAL.destination, message.forks()
 
 
-def received_from() -> tuple[Agent, int] | None:
+def received_from() -> tuple[Worker, int] | None:
     """(agent, source) while a message is being unpickled, else None."""
     if _LOCAL.source is None:
         return None

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from thenable._future import Future, copy_outcome
-from thenable.rpc import _context
+from thenable.rpc import _agent
 from thenable.rpc._agent import Agent, WorkerAddress
 from thenable.rpc._errors import (
     RendezvousError,
@@ -277,7 +277,7 @@ def _barrier(round_number: int, rank: int, quiet: bool) -> Future[bool]:
 
 
 def _coordinator() -> Coordinator:
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     coordinator: Coordinator | None = agent.coordinator
     if coordinator is None:
         raise RuntimeError(f"worker {agent.name!r} is not rank 0; joins go to rank 0")

@@ -50,16 +50,14 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context, _extensions
+from thenable.rpc._context import Worker
 from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc.functions import async_execution, is_async_execution, reply_may_wait
-
-if TYPE_CHECKING:
-    from thenable.rpc._agent import Agent
 
 __all__ = ("RELEASE_DELAY_S", "OwnerTable", "RRef")
 
@@ -76,7 +74,13 @@ RELEASE_DELAY_S = 0.01
 """How long the first release of a batch waits for others before it is sent."""
 
 
-def _new_id(agent: Agent) -> tuple[int, int]:
+def _owners(agent: Worker) -> OwnerTable:
+    """``agent.rrefs``, typed: below the agent, ``Worker.rrefs`` is opaque (see ``_context``)."""
+    table: OwnerTable = agent.rrefs
+    return table
+
+
+def _new_id(agent: Worker) -> tuple[int, int]:
     return (agent.rank, next(_COUNTER))
 
 
@@ -96,7 +100,7 @@ class _Entry:
 class OwnerTable:
     """The owner's side of reference counting, and the queue of releases to send."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Worker) -> None:
         self._agent = agent
         self._lock = threading.Lock()
         # Invariant: a created entry has at least one fork; when its last fork goes, so does it.
@@ -326,11 +330,11 @@ class RRef(Generic[T]):
     def __init__(self, value: T, type_hint: object = None) -> None:
         agent = _context.require_agent()
         self._init(agent, agent.rank, _new_id(agent), _new_id(agent))
-        agent.rrefs.create(self._id, self._fork).set_result(value)
+        _owners(agent).create(self._id, self._fork).set_result(value)
 
     def _init(
         self,
-        agent: Agent,
+        agent: Worker,
         owner: int,
         rref_id: RRefId,
         fork: ForkId,
@@ -346,7 +350,7 @@ class RRef(Generic[T]):
     @classmethod
     def _make(
         cls,
-        agent: Agent,
+        agent: Worker,
         owner: int,
         rref_id: RRefId,
         fork: ForkId,
@@ -362,7 +366,7 @@ class RRef(Generic[T]):
             return
         mine: object = getattr(self, "_agent", None)  # unset if __init__ failed
         if mine is agent:
-            agent.rrefs.release_later(self._owner, self._id, self._fork)
+            _owners(agent).release_later(self._owner, self._id, self._fork)
 
     def __repr__(self) -> str:
         kind = "OwnerRRef" if self.is_owner() else "UserRRef"
@@ -416,7 +420,7 @@ class RRef(Generic[T]):
     def _owner_value(self, timeout: float) -> T:
         """On the owner: the value, once ``remote()`` has created it (``timeout`` as in
         ``to_here``)."""
-        value = self._agent.rrefs.value_future(self._id)
+        value = _owners(self._agent).value_future(self._id)
         if value.done():
             return value.value()  # type: ignore[no-any-return]
         seconds = agent_timeout(self._agent, timeout)
@@ -524,8 +528,8 @@ class RRef(Generic[T]):
         else:
             fork = _new_id(agent)
             if agent.rank == self._owner:  # case 1
-                agent.rrefs.add_fork(self._id, fork)
-                record.undo.append(lambda: agent.rrefs.release(self._id, fork))
+                _owners(agent).add_fork(self._id, fork)
+                record.undo.append(lambda: _owners(agent).release(self._id, fork))
             else:  # case 3
                 record.after_send.append(lambda: _announce_fork(agent, self, fork))
             reduced = (_rebuild_rref, (self._owner, self._id, fork))
@@ -549,7 +553,7 @@ def _as_is(future: Future[Any]) -> Any:
     return future
 
 
-def agent_timeout(agent: Agent, timeout: float) -> float:
+def agent_timeout(agent: Worker, timeout: float) -> float:
     """Seconds for a call: -1 means the agent's default, 0 no limit."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be seconds (-1: default, 0: none), got {timeout!r}")
@@ -560,7 +564,7 @@ def agent_timeout(agent: Agent, timeout: float) -> float:
     return float(timeout)
 
 
-def _announce_fork(agent: Agent, rref: RRef[Any], fork: ForkId) -> None:
+def _announce_fork(agent: Worker, rref: RRef[Any], fork: ForkId) -> None:
     """Case 3: tell the owner about ``fork``; ``rref`` stays alive until the owner answers."""
     try:
         done = agent.call(rref._owner, _add_fork, (rref._id, fork), {}, 0)
@@ -579,7 +583,7 @@ def _rebuild_rref(owner: int, rref_id: RRefId, fork: ForkId | None) -> RRef[Any]
     agent = context[0] if context is not None else _context.require_agent()
     if fork is None:  # case 2: we are the owner; the sender holds its fork meanwhile
         fork = _new_id(agent)
-        agent.rrefs.add_fork(rref_id, fork)
+        _owners(agent).add_fork(rref_id, fork)
     return RRef._make(agent, owner, rref_id, fork)
 
 
@@ -624,7 +628,7 @@ class _RemoteProxy:
 
 
 def remote_call(
-    agent: Agent,
+    agent: Worker,
     owner: int,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -636,7 +640,7 @@ def remote_call(
     rref_id = _new_id(agent)
     fork = _new_id(agent)
     if owner == agent.rank:
-        agent.pool.submit(_produce, agent.rrefs.create(rref_id, fork), fn, args, kwargs)
+        agent.pool.submit(_produce, _owners(agent).create(rref_id, fork), fn, args, kwargs)
         return RRef._make(agent, owner, rref_id, fork)
     created = agent.call(owner, _remote_create, (rref_id, fork, fn, args, kwargs), {}, seconds)
     created.add_done_callback(
@@ -646,7 +650,7 @@ def remote_call(
 
 
 def _report_failed_creation(
-    created: Future[Any], agent: Agent, owner: int, ids: tuple[RRefId, ForkId]
+    created: Future[Any], agent: Worker, owner: int, ids: tuple[RRefId, ForkId]
 ) -> None:
     """The owner answered ``remote()``'s creation call with an error, so the call did not run
     there: tell the owner, whose requests waiting for the value would wait forever else.
@@ -690,13 +694,13 @@ def _remote_create(
     kwargs: dict[str, Any],
 ) -> None:
     """On the owner: register the creator's fork, then make the value."""
-    _produce(_context.require_agent().rrefs.create(rref_id, fork), fn, args, kwargs)
+    _produce(_owners(_context.require_agent()).create(rref_id, fork), fn, args, kwargs)
 
 
 @async_execution
 def _fetch_value(rref_id: RRefId) -> Future[Any]:
     """On the owner: the value's Future; the reply is sent when it completes."""
-    return _context.require_agent().rrefs.awaited_value(rref_id)
+    return _owners(_context.require_agent()).awaited_value(rref_id)
 
 
 @async_execution
@@ -719,22 +723,22 @@ def _invoke(
             return
         _produce(result, method, args, kwargs)
 
-    rref._agent.rrefs.value_future(rref._id).add_done_callback(call)
+    _owners(rref._agent).value_future(rref._id).add_done_callback(call)
     return result
 
 
 def _fail_creation(rref_id: RRefId, fork: ForkId, error: BaseException) -> None:
-    _context.require_agent().rrefs.fail_creation(tuple(rref_id), tuple(fork), error)  # type: ignore[arg-type]
+    _owners(_context.require_agent()).fail_creation(tuple(rref_id), tuple(fork), error)  # type: ignore[arg-type]
 
 
 def _add_fork(rref_id: RRefId, fork: ForkId) -> None:
-    _context.require_agent().rrefs.add_fork(rref_id, fork)
+    _owners(_context.require_agent()).add_fork(rref_id, fork)
 
 
 def _release_forks(forks: list[tuple[RRefId, ForkId]]) -> None:
     agent = _context.current_agent()
     if agent is None:  # a release read while this worker shuts down: its values are gone
         return
-    table = agent.rrefs
+    table = _owners(agent)
     for rref_id, fork in forks:
         table.release(tuple(rref_id), tuple(fork))  # type: ignore[arg-type]

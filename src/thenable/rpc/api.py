@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from thenable._future import Future
-from thenable.rpc import _api, _context
+from thenable.rpc import _agent, _api
 from thenable.rpc._agent import Agent
 from thenable.rpc._api import (
     _set_rpc_timeout,
@@ -110,12 +110,12 @@ def _get_current_rpc_agent() -> RpcAgent:
     Raises:
         RuntimeError: RPC is not initialized.
     """
-    return RpcAgent(_context.require_agent())
+    return RpcAgent(_agent.require_agent())
 
 
 def _is_current_rpc_agent_set() -> bool:
     """Whether ``init_rpc`` has been called and ``shutdown`` not yet."""
-    return _context.current_agent() is not None
+    return _agent.current_agent() is not None
 
 
 def _to_worker_info(to: str | int | WorkerInfo) -> WorkerInfo:
@@ -165,7 +165,7 @@ def _gathers(agent: Agent) -> _Gathers:
 def _gather_at_leader(
     names: frozenset[str], sequence: int, name: str, obj: Any
 ) -> Future[dict[str, Any]]:
-    return _gathers(_context.require_agent()).arrive(names, sequence, name, obj)
+    return _gathers(_agent.require_agent()).arrive(names, sequence, name, obj)
 
 
 def _all_gather(
@@ -180,7 +180,7 @@ def _all_gather(
         ValueError: this worker is not in ``worker_names``.
         RpcTimeoutError: not every worker arrived within ``timeout`` (-1: the default).
     """
-    agent = _context.require_agent()
+    agent = _agent.require_agent()
     names = frozenset(worker_names) if worker_names is not None else None
     if names is None:
         names = frozenset(info.name for info in agent.worker_infos())
