@@ -315,6 +315,9 @@ class Listener:
             except ValueError as exc:
                 _LOGGER.warning("dropped connection from %s: %s", peer_address, exc)
                 accepted.close()
+            except ConnectionError as exc:  # refused: this worker has shut down meanwhile
+                _LOGGER.info("dropped connection from %s: %s", peer_address, exc)
+                accepted.close()
             except BaseException:
                 _LOGGER.exception("dropped connection from %s", peer_address)
                 accepted.close()
