@@ -3,9 +3,12 @@
 On each worker the local engine runs once from the tensors whose gradients arrived (the roots,
 or the tensors this worker sent in a message whose receiver sends their gradients back) down to
 the leaves they reach.  Gradients of leaves that came from another worker go back to it by RPC
-(``_propagate``, one call per message, all at once), the others accumulate in the context.  A
-pass is done when its engine run and all the propagations it started are done, so the caller's
-``backward`` returns once every worker the forward pass touched has finished.
+(``_propagate``: one call per worker, carrying the gradients of every message it sent, all calls
+at once), the others accumulate in the context.  The receiver runs its engine once over all the
+messages of a call, so a node that several of them reach runs once, with the sum of their
+gradients, as torch's engine runs it.  A pass is done when its engine run and all the
+propagations it started are done, so the caller's ``backward`` returns once every worker the
+forward pass touched has finished.
 
 The engine runs as ``torch.autograd.backward`` into the leaves' ``.grad`` (borrowed, see
 ``_grad_field``), not as ``torch.autograd.grad``: only then does torch run the leaves' hooks, which
@@ -27,6 +30,7 @@ from thenable._future import Future
 from thenable.autograd import _contexts, _grad_field
 from thenable.autograd._torch import torch
 from thenable.rpc import _agent
+from thenable.rpc._rref import backward_root
 from thenable.rpc.functions import async_execution
 
 if TYPE_CHECKING:
@@ -128,11 +132,14 @@ def _run_pass(
         done: Future[None] = Future()
         done.set_result(None)
         return done
+    by_sender: dict[int, dict[int, list[Any]]] = {}
+    for message_id, (sender, grads) in outgoing.items():
+        by_sender.setdefault(sender, {})[message_id] = grads
     previous = _contexts.set_current_id(None)  # gradients need no context of their own
     try:
         calls = [
-            agent.call(sender, _propagate, (context._id, message_id, grads), {}, agent.rpc_timeout)
-            for message_id, (sender, grads) in outgoing.items()
+            agent.call(sender, _propagate, (context._id, grads), {}, agent.rpc_timeout)
+            for sender, grads in by_sender.items()
         ]
     finally:
         _contexts.set_current_id(previous)
@@ -184,12 +191,15 @@ def _all_done(calls: list[Future[Any]]) -> Future[None]:
 
 
 @async_execution
-def _propagate(context_id: int, message_id: int, grads: list[Any]) -> Future[None]:
-    """On the worker that sent message ``message_id``: continue the pass from its tensors."""
+def _propagate(context_id: int, grads_by_message: dict[int, list[Any]]) -> Future[None]:
+    """On the worker that sent these messages: continue the pass from their tensors, in one
+    engine run (a tensor sent in two messages, or two tensors sharing a node, run it once)."""
     agent = _agent.require_agent()
     context = _contexts.table(agent).retrieve(context_id)
-    tensors = context.sent_tensors(message_id)
-    return local_pass(agent, context, list(zip(tensors, grads, strict=True)))
+    seeds: list[tuple[Any, Any]] = []
+    for message_id, grads in grads_by_message.items():
+        seeds.extend(zip(context.sent_tensors(message_id), grads, strict=True))
+    return local_pass(agent, context, seeds)
 
 
 def rref_backward(agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
@@ -210,7 +220,7 @@ def rref_backward(agent: Agent, rref: Any, context_id: int, retain_graph: bool) 
 
 def _backward_here(agent: Agent, context_id: int, root: Any) -> Future[None]:
     context = _contexts.table(agent).retrieve(context_id)
-    (root,) = check_roots([root])
+    (root,) = check_roots([backward_root(root)])
     return local_pass(agent, context, [(root, torch.ones_like(root))])
 
 

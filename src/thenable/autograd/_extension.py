@@ -4,7 +4,9 @@ A call made while a context is current carries a ``_Link``: the context id and a
 id.  Both sides record, under that message id, the tensors requiring grad that the message
 held: the sender the tensors it pickled (with their graphs), the receiver the fresh leaves it
 rebuilt.  The callee runs the function inside the context (so its own calls carry it further),
-and its reply carries a ``_Link`` of its own, the same way back.
+and its reply carries a ``_Link`` of its own, the same way back.  User code run for a call in
+another thread of the same worker (``remote()`` to itself, a proxy call waiting for its value)
+runs inside the caller's context too (``_Current``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ class _Link:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_Link, (self.context_id, self.message_id, self.is_reply))
+
+
+class _Current:
+    """The caller's context, for user code run for its call in another thread here."""
+
+    __slots__ = ("context_id",)
+
+    def __init__(self, context_id: int) -> None:
+        self.context_id = context_id
 
 
 class _Serving:
@@ -87,8 +98,12 @@ class _AutogradExtension:
         context.record_recv(extra.message_id, source, tensors)
 
     def serving(self, agent: Agent, extra: object) -> _Serving:
-        assert isinstance(extra, _Link)
+        assert isinstance(extra, (_Link, _Current))
         return _Serving(extra.context_id)
+
+    def current(self, agent: Agent) -> _Current | None:
+        context_id = _contexts.current_id()
+        return None if context_id is None else _Current(context_id)
 
     def rref_backward(self, agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
         _engine.rref_backward(agent, rref, context_id, retain_graph)

@@ -35,9 +35,9 @@ from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable._trace_hooks import name_of
 from thenable.rpc import _context, _extensions, _recycled
+from thenable.rpc._callee_log import log_user_error
 from thenable.rpc._dialing import Dialing
 from thenable.rpc._errors import (
-    AsyncExecutionError,
     RpcConnectionError,
     RpcError,
     RpcTimeoutError,
@@ -59,7 +59,7 @@ from thenable.rpc._sockets import (
     local_address,
 )
 from thenable.rpc._transport import PeerConnection
-from thenable.rpc.functions import is_async_execution, may_reply_later
+from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
 
@@ -755,27 +755,24 @@ class Agent:
                 with extension.serving(self, extra):
                     result = fn(*args, **kwargs)
             if is_async_execution(fn):
-                if not isinstance(result, Future):
-                    raise AsyncExecutionError(
-                        f"{_qualname(fn)} is marked @async_execution but returned "
-                        f"{type(result).__qualname__}, not a thenable Future"
-                    )
-                result.add_done_callback(
-                    lambda done: self._reply_with(link, request_id, done, extra)
+                check_async_result(fn, result).add_done_callback(
+                    lambda done: self._reply_with(link, request_id, done, extra, fn)
                 )
                 return fn
         except BaseException as exc:
+            log_user_error(self, fn, exc, link.peer_rank)
             self._send_error(link, request_id, exc)
             return fn
         self._send_result(link, request_id, result, defer=may_reply_later(fn), extra=extra)
         return fn
 
     def _reply_with(
-        self, link: Any, request_id: int, done: Future[Any], extra: object = None
+        self, link: Any, request_id: int, done: Future[Any], extra: object, fn: object
     ) -> None:
         """An @async_execution function's Future completed: send its outcome as the reply."""
         start = _recorder.now() if _recorder.recording else 0
         if done._exception is not None:
+            log_user_error(self, fn, done._exception, link.peer_rank)
             self._send_error(link, request_id, done._exception)
         else:
             self._send_result(link, request_id, done._result, extra=extra)

@@ -13,6 +13,10 @@ imports it.  Without an installed extension a call costs one attribute read more
   unpickling a message with an extra, calls ``received(agent, source, extra, tensors)`` with
   the tensors it rebuilt that require grad, in the same order.
 - A request's handler runs inside ``serving(agent, extra)``.
+- User code that this process runs for a call in another thread than the caller's (``remote()``
+  to this worker itself, a proxy call that waits for its RRef's value) runs inside
+  ``serving(agent, current(agent))``, ``current`` taken in the calling thread: ``carried`` and
+  ``run_carried`` below, so every path that runs user code for a call sees the same state.
 - ``RRef.backward(context_id)`` hands over to ``rref_backward``.
 
 The extra must be picklable and importable on the receiver: unpickling it there imports the
@@ -21,14 +25,16 @@ extension's module, which installs the extension in that process too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 # The agent (``thenable.rpc._agent.Agent``) is passed through as it is; not naming its class here
 # keeps this module below the agent in the import graph.
 _Agent = Any
+T = TypeVar("T")
 
-__all__ = ("CallExtension", "Reply", "install", "installed")
+__all__ = ("CallExtension", "Reply", "carried", "install", "installed", "run_carried")
 
 
 class CallExtension(Protocol):
@@ -44,7 +50,12 @@ class CallExtension(Protocol):
 
     def received(self, agent: _Agent, source: int, extra: object, tensors: list[Any]) -> None: ...
 
-    def serving(self, agent: _Agent, extra: object) -> AbstractContextManager[None]: ...
+    def serving(self, agent: _Agent, extra: object) -> AbstractContextManager[None]:
+        """Around a handler: ``extra`` is a request's extra, or what ``current`` returned."""
+
+    def current(self, agent: _Agent) -> object | None:
+        """This thread's state that user code run for its call elsewhere in this process
+        needs (None: nothing)."""
 
     def rref_backward(self, agent: _Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
         """``RRef.backward`` with a context id: the pass from the RRef's value, run on its
@@ -59,6 +70,25 @@ def install(extension: CallExtension) -> None:
     """Install ``extension`` for every agent of this process (the last one installed wins)."""
     global installed
     installed = extension
+
+
+def carried(agent: _Agent) -> object | None:
+    """What user code run for this thread's call in another thread must run under (see
+    ``run_carried``); None without an extension, or when there is nothing to carry."""
+    extension = installed
+    return None if extension is None else extension.current(agent)
+
+
+def run_carried(
+    agent: _Agent, state: object | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+) -> T:
+    """``fn(*args, **kwargs)`` under ``state``, what ``carried`` returned in the caller's
+    thread."""
+    extension = installed
+    if state is None or extension is None:
+        return fn(*args, **kwargs)
+    with extension.serving(agent, state):
+        return fn(*args, **kwargs)
 
 
 class Reply:

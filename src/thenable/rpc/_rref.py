@@ -54,12 +54,18 @@ from typing import Any, Generic, TypeVar
 
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context, _extensions
+from thenable.rpc._callee_log import log_user_error
 from thenable.rpc._context import Worker
 from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._options import WorkerInfo
-from thenable.rpc.functions import async_execution, is_async_execution, reply_may_wait
+from thenable.rpc.functions import (
+    async_execution,
+    check_async_result,
+    is_async_execution,
+    reply_may_wait,
+)
 
-__all__ = ("RELEASE_DELAY_S", "OwnerTable", "RRef")
+__all__ = ("RELEASE_DELAY_S", "OwnerTable", "RRef", "backward_root", "remote_call")
 
 T = TypeVar("T")
 
@@ -325,7 +331,7 @@ class RRef(Generic[T]):
     design note).
     """
 
-    __slots__ = ("__weakref__", "_agent", "_created", "_fork", "_id", "_owner")
+    __slots__ = ("__weakref__", "_agent", "_created", "_fork", "_id", "_owner", "_type")
 
     def __init__(self, value: T, type_hint: object = None) -> None:
         agent = _context.require_agent()
@@ -346,6 +352,7 @@ class RRef(Generic[T]):
         self._fork = fork
         # For remote(): the creation call; the owner has confirmed the RRef once it is done.
         self._created = created
+        self._type: type | None = None  # the value's, once _get_type has fetched it
 
     @classmethod
     def _make(
@@ -466,6 +473,32 @@ class RRef(Generic[T]):
         if created is not None and created.done() and created._exception is not None:
             created.wait()
 
+    def _get_type(self, timeout: float = -1.0, blocking: bool = True) -> Any:
+        """The type of the value (torch's ``RRef._get_type``), fetched from the owner once and
+        then kept; with ``blocking=False``, a Future of it.
+
+        Raises:
+            TimeoutError, Exception: as ``to_here``.
+        """
+        found = self._type
+        if found is not None:
+            ready: Future[type] = Future()
+            ready.set_result(found)
+            return found if blocking else ready
+        agent = self._agent
+        if self.is_owner():
+            typed = _owners(agent).value_future(self._id).then(_type_of)
+        else:
+            self._raise_if_creation_failed()
+            seconds = agent_timeout(agent, timeout)
+            typed = agent.call(self._owner, _value_type, (self._id,), {}, seconds)
+        typed.add_done_callback(self._keep_type)
+        return typed.wait() if blocking else typed
+
+    def _keep_type(self, typed: Future[type]) -> None:
+        if typed._exception is None:
+            self._type = typed._result
+
     # -- autograd -----------------------------------------------------------------------------
 
     def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
@@ -484,7 +517,8 @@ class RRef(Generic[T]):
                 )
             import torch
 
-            torch.autograd.backward(self.local_value(), retain_graph=retain_graph)  # type: ignore[arg-type]
+            value = backward_root(self.local_value())
+            torch.autograd.backward(value, retain_graph=retain_graph)
             return
         extension = _extensions.installed
         if extension is None:
@@ -620,11 +654,42 @@ class _RemoteProxy:
         rref, timeout = self._rref, self._timeout
 
         def call(*args: Any, **kwargs: Any) -> RRef[Any]:
+            _check_method(rref, name, timeout)
             return remote_call(
                 rref._agent, rref._owner, _invoke, (rref, name, args, kwargs), {}, timeout
             )
 
         return call
+
+
+def backward_root(value: object) -> Any:
+    """``value``, the root of ``RRef.backward``, or torch's error if it is not a tensor."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            "RRef should contain a tensor for .backward(): this one holds a "
+            f"{type(value).__module__}.{type(value).__qualname__}"
+        )
+    return value
+
+
+def _check_method(rref: RRef[Any], name: str, timeout: float) -> None:
+    """``rref.remote().name()`` of a value without ``name`` raises AttributeError at the call,
+    as torch's does (its result would hold only the error); the value's type is fetched once."""
+    value_type = rref._get_type(timeout)
+    if hasattr(value_type, name):
+        return
+    agent = rref._agent
+    if rref.is_owner():
+        has = hasattr(rref._owner_value(timeout), name)
+    else:  # an attribute of the instance only: ask the owner
+        seconds = agent_timeout(agent, timeout)
+        has = agent.call(rref._owner, _has_attribute, (rref._id, name), {}, seconds).wait()
+    if not has:
+        raise AttributeError(
+            f"{value_type.__qualname__!r} object has no attribute {name!r} (the value of {rref!r})"
+        )
 
 
 def remote_call(
@@ -639,8 +704,10 @@ def remote_call(
     seconds = agent_timeout(agent, timeout)
     rref_id = _new_id(agent)
     fork = _new_id(agent)
-    if owner == agent.rank:
-        agent.pool.submit(_produce, _owners(agent).create(rref_id, fork), fn, args, kwargs)
+    if owner == agent.rank:  # run here, in the caller's autograd context (see _extensions)
+        target = _owners(agent).create(rref_id, fork)
+        carried = _extensions.carried(agent)
+        agent.pool.submit(_produce, target, fn, args, kwargs, carried, agent, agent.rank)
         return RRef._make(agent, owner, rref_id, fork)
     created = agent.call(owner, _remote_create, (rref_id, fork, fn, args, kwargs), {}, seconds)
     created.add_done_callback(
@@ -668,18 +735,31 @@ def _report_failed_creation(
 
 
 def _produce(
-    target: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    target: Future[Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    carried: object = None,
+    agent: Worker | None = None,
+    caller: int | None = None,
 ) -> None:
-    """Complete ``target`` with ``fn``'s result, following the Future of async functions."""
+    """Complete ``target`` with ``fn``'s result, following the Future of async functions;
+    ``fn`` runs under ``carried``, the caller's state when it is not this thread's (see
+    ``_extensions.run_carried``)."""
+    if agent is None:
+        agent = _context.require_agent()
     try:
-        result = fn(*args, **kwargs)
+        result = _extensions.run_carried(agent, carried, fn, *args, **kwargs)
+        if is_async_execution(fn):
+            check_async_result(fn, result).add_done_callback(
+                functools.partial(copy_outcome, target=target)
+            )
+            return
     except BaseException as exc:
+        log_user_error(agent, fn, exc, caller)
         target._complete(None, exc, exc.__traceback__)
         return
-    if is_async_execution(fn) and isinstance(result, Future):
-        result.add_done_callback(functools.partial(copy_outcome, target=target))
-    else:
-        target._complete(result, None)
+    target._complete(result, None)
 
 
 # -- functions run on the owner, by RPC ------------------------------------------------------
@@ -703,11 +783,31 @@ def _fetch_value(rref_id: RRefId) -> Future[Any]:
     return _owners(_context.require_agent()).awaited_value(rref_id)
 
 
+def _type_of(value: Future[Any]) -> type:
+    return type(value.value())
+
+
+@async_execution
+def _value_type(rref_id: RRefId) -> Future[type]:
+    """On the owner: the Future of the value's type."""
+    return _owners(_context.require_agent()).awaited_value(rref_id).then(_type_of)
+
+
+@async_execution
+def _has_attribute(rref_id: RRefId, name: str) -> Future[bool]:
+    """On the owner: whether the value has attribute ``name``."""
+    value = _owners(_context.require_agent()).awaited_value(rref_id)
+    return value.then(lambda done: hasattr(done.value(), name))
+
+
 @async_execution
 def _invoke(
     rref: RRef[Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
-    """On the owner: call ``value.name(*args, **kwargs)`` once the value exists."""
+    """On the owner: call ``value.name(*args, **kwargs)`` once the value exists (in the
+    caller's autograd context, also when that is after this handler has returned)."""
+    agent = rref._agent
+    carried = _extensions.carried(agent)
     result: Future[Any] = Future()
 
     def call(value: Future[Any]) -> None:
@@ -721,9 +821,9 @@ def _invoke(
         except BaseException as exc:
             result._complete(None, exc, exc.__traceback__)
             return
-        _produce(result, method, args, kwargs)
+        _produce(result, method, args, kwargs, carried, agent)
 
-    _owners(rref._agent).value_future(rref._id).add_done_callback(call)
+    _owners(agent).value_future(rref._id).add_done_callback(call)
     return result
 
 

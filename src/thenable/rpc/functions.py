@@ -6,6 +6,9 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from thenable._future import Future
+from thenable.rpc._errors import AsyncExecutionError
+
 __all__ = ("async_execution", "is_async_execution")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,6 +45,23 @@ def async_execution(fn: F) -> F:
 def is_async_execution(fn: object) -> bool:
     """Whether ``fn`` (a function, bound method or static/class method) is ``async_execution``."""
     return getattr(fn, _MARKER, None) is not None
+
+
+def check_async_result(fn: object, result: object) -> Future[Any]:
+    """The Future an ``@async_execution`` function returned.
+
+    Raises:
+        AsyncExecutionError: it returned something else (torch's words, and ours).
+    """
+    if isinstance(result, Future):
+        return result
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    raise AsyncExecutionError(
+        "Functions decorated with @rpc.async_function must return a torch.futures.Future "
+        f"object, but got {type(result).__module__}.{type(result).__qualname__}: {name} is "
+        f"marked @async_execution but returned {type(result).__qualname__}, not a "
+        "thenable.Future"
+    )
 
 
 _DEFERRED = "_thenable_reply_may_wait"

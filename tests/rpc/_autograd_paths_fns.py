@@ -1,0 +1,148 @@
+"""What the workers of test_dist_autograd_paths.py run: user code reached by every path a call
+can take (``remote()`` to oneself, proxies on an owner, a proxy that waits for its value), and
+backward functions that count their runs.
+
+Commands named ``check_*`` run on worker0 and return what they saw.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from _remote_fns import WAIT_S, open_gate, wait_for_gate
+from torch import nn
+
+import thenable.autograd as dist_autograd
+from thenable import rpc
+
+# -- a backward function that records each run (on the worker that runs it) -------------------
+
+_RUNS: list[torch.Tensor] = []
+_RUNS_LOCK = threading.Lock()
+
+
+class _Counted(torch.autograd.Function):
+    """The identity, whose backward records the gradient it ran with."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        with _RUNS_LOCK:
+            _RUNS.append(grad.detach().clone())
+        return grad
+
+
+def counted(x: torch.Tensor) -> torch.Tensor:
+    return _Counted.apply(x)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def take_runs() -> list[torch.Tensor]:
+    """The gradients the counted backward ran with here since the last call."""
+    with _RUNS_LOCK:
+        runs = list(_RUNS)
+        _RUNS.clear()
+    return runs
+
+
+def _pass_runs(cid: int, x: torch.Tensor, roots: list[torch.Tensor]) -> dict[str, Any]:
+    dist_autograd.backward(cid, roots)
+    return {"grad": dist_autograd.get_gradients(cid).get(x), "runs": rpc.rpc_sync(1, take_runs)}
+
+
+def check_tensor_in_two_messages_runs_its_node_once() -> dict[str, Any]:
+    """One tensor of worker1 fetched twice (two replies): its node runs once, with the sum."""
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", counted, args=(x,))
+        a, b = rref.to_here(), rref.to_here()
+        return _pass_runs(cid, x, [(2 * a + 3 * b).sum()])
+
+
+def check_two_messages_sharing_a_node_run_it_once() -> dict[str, Any]:
+    """Two results computed on worker1 from one tensor (two proxy calls): the shared node runs
+    once."""
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", counted, args=(x,))
+        a = rref.rpc_sync().mul(2)
+        b = rref.rpc_async().mul(3).wait()
+        return _pass_runs(cid, x, [(a + b).sum()])
+
+
+# -- user code that makes calls of its own, reached by every path ------------------------------
+
+
+def exp_on(to: str, a: torch.Tensor) -> torch.Tensor:
+    """A nested call: the gradient of ``a`` comes back only through the caller's context."""
+    return rpc.rpc_sync(to, torch.mul, args=(a.exp(), a))
+
+
+class Forwarder(nn.Module):
+    """A module whose forward makes a nested call to ``to``."""
+
+    def __init__(self, peer: str) -> None:
+        super().__init__()
+        self.peer = peer
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return exp_on(self.peer, a) * 2
+
+
+def gated_forwarder(tag: str, to: str) -> Forwarder:
+    """Made only once the gate ``tag`` opens: a proxy call arriving before waits for it."""
+    wait_for_gate(tag)
+    return Forwarder(to)
+
+
+def _expected(a: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    copy = a.detach().clone().requires_grad_()
+    torch.autograd.backward(((copy.exp() * copy) * factor).sum())
+    assert copy.grad is not None
+    return copy.grad
+
+
+def _grad_of(cid: int, a: torch.Tensor, out: torch.Tensor) -> Any:
+    dist_autograd.backward(cid, [out.sum()])
+    return dist_autograd.get_gradients(cid).get(a)
+
+
+def check_remote_to_self_keeps_the_context() -> dict[str, Any]:
+    a = torch.rand(3, requires_grad=True)
+    got: dict[str, Any] = {}
+    with dist_autograd.context() as cid:
+        out = rpc.remote("worker0", exp_on, args=("worker1", a)).to_here()
+        got["remote to self"] = (_grad_of(cid, a, out), _expected(a))
+    with dist_autograd.context() as cid:
+        out = rpc.remote(0, exp_on, args=("worker1", a)).to_here(WAIT_S)
+        got["remote to self by rank"] = (_grad_of(cid, a, out), _expected(a))
+    module = rpc.RRef(Forwarder("worker1"))
+    with dist_autograd.context() as cid:
+        out = module.remote().forward(a).to_here()
+        got["rref.remote() on the owner"] = (_grad_of(cid, a, out), _expected(a, 2))
+    with dist_autograd.context() as cid:
+        out = module.rpc_sync().forward(a)
+        got["rref.rpc_sync() on the owner"] = (_grad_of(cid, a, out), _expected(a, 2))
+    with dist_autograd.context() as cid:
+        out = module.rpc_async().forward(a).wait()
+        got["rref.rpc_async() on the owner"] = (_grad_of(cid, a, out), _expected(a, 2))
+    return got
+
+
+def check_proxy_waiting_for_its_value_keeps_the_context(owner: str) -> dict[str, Any]:
+    """Proxy calls that reach ``owner`` while the value is still being made (a gate holds it).
+    (``rref.remote()`` proxies wait for the value's type first, as torch's do.)"""
+    a = torch.rand(3, requires_grad=True)
+    tag = f"forwarder-{owner}"
+    module = rpc.remote(owner, gated_forwarder, args=(tag, "worker2"))
+    got: dict[str, Any] = {}
+    with dist_autograd.context() as cid:
+        first, second = module.rpc_async().forward(a), module.rpc_async().forward(a * 2)
+        rpc.rpc_sync(owner, open_gate, args=(tag,))
+        out = first.wait() + second.wait()
+        got["waiting proxies"] = (_grad_of(cid, a, out), _expected(a, 2) + _expected(a * 2, 2) * 2)
+    return got
