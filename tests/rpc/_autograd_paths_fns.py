@@ -74,6 +74,52 @@ def check_two_messages_sharing_a_node_run_it_once() -> dict[str, Any]:
         return _pass_runs(cid, x, [(a + b).sum()])
 
 
+def scaled_copy(rref: rpc.RRef[torch.Tensor], factor: float) -> torch.Tensor:
+    """On worker2: the RRef's value fetched from its owner (a message of its own), scaled."""
+    return rref.to_here() * factor
+
+
+def check_messages_from_two_workers_run_a_node_once() -> dict[str, Any]:
+    """worker1's tensor reaches the loss through worker2 and directly: its gradients come back
+    to worker1 from two workers, at different times; its node runs once, with their sum."""
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", counted, args=(x,))
+        through_worker2 = rpc.rpc_sync("worker2", scaled_copy, args=(rref, 2.0))
+        return _pass_runs(cid, x, [(through_worker2 + 3 * rref.to_here()).sum()])
+
+
+def check_unused_message_does_not_hold_a_shared_node_forever() -> dict[str, Any]:
+    """worker1's tensor is fetched twice and the loss uses one copy: torch's engine waits for
+    the other copy's gradient forever; ours runs the node once the pass has nothing else to
+    wait for, with the gradient that came."""
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", counted, args=(x,))
+        used, _unused = rref.to_here(), rref.to_here()
+        return _pass_runs(cid, x, [(3 * used).sum()])
+
+
+def double(t: torch.Tensor) -> torch.Tensor:
+    return t * 2
+
+
+def round_trip(rref: rpc.RRef[torch.Tensor]) -> torch.Tensor:
+    """On worker1: y (the RRef's value) goes to worker2 and comes back doubled; y * 2y goes to
+    the caller.  In the backward pass y's node must wait for worker2's gradient, while the
+    gradient of what came back from worker2 must go there first."""
+    y = rref.local_value()
+    return y * rpc.rpc_sync("worker2", double, args=(y,))
+
+
+def check_a_node_waiting_for_a_message_lets_the_rest_run() -> dict[str, Any]:
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        rref = rpc.remote("worker1", counted, args=(x,))
+        out = rpc.rpc_sync("worker1", round_trip, args=(rref,))
+        return _pass_runs(cid, x, [out.sum()])
+
+
 # -- user code that makes calls of its own, reached by every path ------------------------------
 
 

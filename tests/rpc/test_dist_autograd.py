@@ -121,11 +121,11 @@ def test_errors_are_torchs(group: Group) -> None:
         "leaf_root": ("builtins.RuntimeError", "does not have a valid gradient function"),
         "nested": ("builtins.RuntimeError", "Already have an autograd context id for this thread"),
         "remote_backward": (
-            "thenable.autograd._engine.BackwardError",
+            "thenable.autograd._pass.BackwardError",
             "Error on Node 1: Simulated error in a backward function",
         ),
         "local_backward": (
-            "thenable.autograd._engine.BackwardError",
+            "thenable.autograd._pass.BackwardError",
             "Error on Node 0: Simulated error in a backward function",
         ),
         "released": ("builtins.RuntimeError", "Could not find autograd context"),

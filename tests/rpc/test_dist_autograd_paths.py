@@ -36,6 +36,22 @@ def test_a_node_reached_by_several_messages_runs_once_with_their_sum(
     torch.testing.assert_close(out["grad"], torch.full((2,), 5.0))
 
 
+@pytest.mark.parametrize(
+    ("check", "runs"),
+    [
+        (paths.check_messages_from_two_workers_run_a_node_once, [[5.0, 5.0]]),
+        (paths.check_unused_message_does_not_hold_a_shared_node_forever, [[3.0, 3.0]]),
+        (paths.check_a_node_waiting_for_a_message_lets_the_rest_run, [[4.0, 4.0]]),
+    ],
+)
+def test_a_node_waits_for_every_gradient_that_will_come(
+    group: Group, check: Any, runs: list[list[float]]
+) -> None:
+    out = group.call(0, check)
+    assert [run.tolist() for run in out["runs"]] == runs
+    torch.testing.assert_close(out["grad"], torch.tensor(runs[0]))
+
+
 def _assert_gradients(got: dict[str, tuple[Any, Any]]) -> None:
     for path, (grad, expected) in got.items():
         assert grad is not None, f"{path}: no gradient came back"

@@ -16,6 +16,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from thenable.autograd._pass import PassState
 from thenable.rpc import _agent
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class DistAutogradContext:
         self._recv_slots: dict[int, tuple[int, int]] = {}  # id(tensor) -> (message id, index)
         self._gradients: dict[int, tuple[Any, Any]] = {}  # id(leaf) -> (leaf, gradient)
         self._known: set[int] = set()
+        self._passes: dict[int, PassState] = {}  # backward pass id -> its state here
 
     def __repr__(self) -> str:
         return f"DistAutogradContext(context_id={self._id})"
@@ -100,7 +102,25 @@ class DistAutogradContext:
                 for index, tensor in enumerate(tensors):
                     self._recv_slots[id(tensor)] = (message_id, index)
 
+    def _recv_messages(self) -> dict[int, tuple[int, list[Any]]]:
+        """Message id -> (sender, the tensors received in it that require grad)."""
+        with self._lock:
+            return dict(self._recvs)
+
     # -- backward -----------------------------------------------------------------------------
+
+    def backward_pass(self, pass_id: int) -> PassState:
+        """The state of backward pass ``pass_id`` on this worker (made on first use; kept
+        with the context)."""
+        with self._lock:
+            state = self._passes.get(pass_id)
+            if state is None:
+                state = self._passes[pass_id] = PassState()
+            return state
+
+    def is_received(self, tensor: Any) -> bool:
+        """Whether ``tensor`` came in a message (its gradient goes back to the sender)."""
+        return id(tensor) in self._recv_slots
 
     def sent_tensors(self, message_id: int) -> list[Any]:
         """The tensors that require grad this worker sent in message ``message_id``.

@@ -1,33 +1,41 @@
 """The backward pass across workers (torch's FAST mode).
 
-On each worker the local engine runs once from the tensors whose gradients arrived (the roots,
-or the tensors this worker sent in a message whose receiver sends their gradients back) down to
-the leaves they reach.  Gradients of leaves that came from another worker go back to it by RPC
-(``_propagate``: one call per worker, carrying the gradients of every message it sent, all calls
-at once), the others accumulate in the context.  The receiver runs its engine once over all the
-messages of a call, so a node that several of them reach runs once, with the sum of their
-gradients, as torch's engine runs it.  A pass is done when its engine run and all the
-propagations it started are done, so the caller's ``backward`` returns once every worker the
-forward pass touched has finished.
+On each worker the local engine runs from the tensors whose gradients arrived (the roots, or the
+tensors this worker sent in a message whose receiver sends their gradients back) down to the
+leaves they reach (``_pass``: a node runs once, after every gradient for it has arrived).
+Gradients of leaves that came from another worker go back to it by RPC (``_propagate``: one call
+per worker, carrying the gradients of every message it sent, all calls at once), the others
+accumulate in the context.  Each call is done when the part of the pass it caused is done, so the
+caller's first wave is done once every worker the gradients reached has run what it could.
+
+If a worker held gradients at the end of its part (a node waits for a message whose gradients
+never came: the forward pass sent a tensor that the loss does not use), the caller starts a
+*resolve* wave: ``_resolve`` passes every worker the context reached once, each declares the
+received messages that will get no gradient (``_dead``), and what waited for them runs with what
+did arrive.  torch's engine waits for those gradients forever.  Whether a worker holds is told as
+of the end of each of its parts, so a wave that ends with "held" may be stale (another worker's
+declaration released it later): a second wave, with nothing left in flight, tells for sure, and
+gradients still held then fail the pass.
 
 The engine runs as ``torch.autograd.backward`` into the leaves' ``.grad`` (borrowed, see
 ``_grad_field``), not as ``torch.autograd.grad``: only then does torch run the leaves' hooks, which
 DDP's gradient reducer and users' tensor hooks rely on.
 
-``_propagate`` is an async-execution function: a worker waiting for the gradients it sent on
+The gradient calls are async-execution functions: a worker waiting for the gradients it sent on
 pins no thread, so a chain A -> B -> C -> A needs none per hop.  No lock is held while
 gradients travel.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import TYPE_CHECKING, Any
 
-from thenable import _recorder
 from thenable._errors import as_runtime_error
 from thenable._future import Future
-from thenable.autograd import _contexts, _grad_field
+from thenable.autograd import _contexts
+from thenable.autograd._pass import BackwardError, Event, PassState, Seeds, Step, advance
 from thenable.autograd._torch import torch
 from thenable.rpc import _agent
 from thenable.rpc._rref import backward_root
@@ -37,12 +45,9 @@ if TYPE_CHECKING:
     from thenable.autograd._contexts import DistAutogradContext
     from thenable.rpc._agent import Agent
 
-__all__ = ("BackwardError", "check_roots", "local_pass", "rref_backward", "run_backward")
+__all__ = ("BackwardError", "check_roots", "rref_backward", "run_backward")
 
-
-class BackwardError(RuntimeError):
-    """An error raised by the backward pass on one worker ("Error on Node N: ...", as torch
-    says); the original is its ``__cause__`` where it could travel."""
+_WAVES = 2  # resolve waves at most: the second tells for sure (see the module docstring)
 
 
 def check_roots(roots: object) -> list[Any]:
@@ -74,7 +79,7 @@ def check_roots(roots: object) -> list[Any]:
 
 def run_backward(agent: Agent, context: DistAutogradContext, roots: list[Any]) -> None:
     """``dist_autograd.backward``: the pass from checked ``roots``, blocking until done."""
-    _wait(local_pass(agent, context, [(root, torch.ones_like(root)) for root in roots]))
+    _wait(_pass_from(agent, context, [(root, torch.ones_like(root)) for root in roots]))
 
 
 def _wait(done: Future[None]) -> None:
@@ -92,90 +97,133 @@ def _wait(done: Future[None]) -> None:
         del error  # its traceback holds this frame: no cycle through it
 
 
-def local_pass(
-    agent: Agent, context: DistAutogradContext, seeds: list[tuple[Any, Any]]
-) -> Future[None]:
-    """Run this worker's part of the pass from ``(tensor, gradient)`` pairs; the Future is done
-    when the gradients reached every leaf, here and on the workers they came from.  Counted in
-    the debug info's ``num_current_backward_passes`` until then."""
+def _pass_from(agent: Agent, context: DistAutogradContext, seeds: Seeds) -> Future[None]:
+    """A new pass from ``seeds`` on this worker: the first wave, then a resolve wave if a
+    worker still holds gradients after it."""
+    pass_id = _contexts.table(agent).new_message_id()
+    result: Future[None] = Future()
+
+    def after(wave: Future[bool], number: int) -> None:
+        if wave._exception is not None:
+            result.set_exception(wave._exception)
+        elif not wave._result:
+            result.set_result(None)
+        elif number == _WAVES:  # (the declarations settle every message: see _pass)
+            result.set_exception(
+                BackwardError(
+                    f"Error on Node {agent.rank}: gradients of autograd context {context._id} "
+                    "still wait for messages after every worker declared what will not come"
+                )
+            )
+        else:
+            _resolve_from(agent, context, pass_id, number + 1, None).add_done_callback(
+                functools.partial(after, number=number + 1)
+            )
+
+    _event(agent, context, pass_id, seeds=seeds).add_done_callback(
+        functools.partial(after, number=0)
+    )
+    return result
+
+
+def _event(
+    agent: Agent,
+    context: DistAutogradContext,
+    pass_id: int,
+    **what: Any,
+) -> Future[bool]:
+    """Hand ``Event(**what)`` to this worker's part of pass ``pass_id``; the Future is done
+    when it and what it caused are done (counted in the debug info's
+    ``num_current_backward_passes`` until then)."""
     passes, context_id = _contexts.table(agent), context._id
+    done: Future[bool] = Future()
     passes.pass_started(context_id)
-    try:
-        done = _run_pass(agent, context, seeds)
-    except BaseException:
-        passes.pass_ended(context_id)
-        raise
     done.add_done_callback(lambda _: passes.pass_ended(context_id))
+    state = context.backward_pass(pass_id)
+    if state.enqueue(Event(done, **what)):
+        _run_events(agent, context, pass_id, state)
     return done
 
 
-def _run_pass(
-    agent: Agent, context: DistAutogradContext, seeds: list[tuple[Any, Any]]
-) -> Future[None]:
-    outputs = [tensor for tensor, grad in seeds if grad is not None]
-    output_grads = [grad for _, grad in seeds if grad is not None]
-    leaf_grads: list[tuple[Any, Any]] = []
-    leaves = _reachable_leaves(outputs)
-    if leaves:
-        start = _recorder.now() if _recorder.recording else 0
-        with _grad_field.borrowed(leaves, [None] * len(leaves)):
-            try:
-                torch.autograd.backward(outputs, output_grads, retain_graph=True, inputs=leaves)
-            except Exception as exc:
-                raise BackwardError(f"Error on Node {agent.rank}: {exc}") from exc
-            leaf_grads = [(leaf, leaf.grad) for leaf in leaves]
-        if start:
-            args = {"context_id": context._id, "leaves": len(leaves)}
-            _recorder.complete("dist_autograd backward", "autograd", start, args)
-    outgoing = context.route(leaf_grads)
-    if not outgoing:
-        done: Future[None] = Future()
-        done.set_result(None)
-        return done
-    by_sender: dict[int, dict[int, list[Any]]] = {}
-    for message_id, (sender, grads) in outgoing.items():
-        by_sender.setdefault(sender, {})[message_id] = grads
+def _run_events(agent: Agent, context: DistAutogradContext, pass_id: int, state: PassState) -> None:
+    while (batch := state.take()) is not None:
+        try:
+            calls = _send(agent, context, pass_id, advance(agent.rank, context, state, batch))
+        except Exception as exc:
+            for event in batch:
+                event.done.set_exception(exc)
+            del exc
+            continue
+        _all_done(calls).add_done_callback(functools.partial(_batch_done, state=state, batch=batch))
+
+
+def _batch_done(calls: Future[bool], state: PassState, batch: list[Event]) -> None:
+    error = calls._exception
+    holding = error is None and (bool(calls._result) or state.holding)
+    for event in batch:
+        if error is not None:
+            event.done.set_exception(error)
+        else:
+            event.done.set_result(holding)
+
+
+def _send(
+    agent: Agent, context: DistAutogradContext, pass_id: int, step: Step
+) -> list[Future[Any]]:
+    """The calls that carry ``step``'s gradients and declarations to their workers."""
     previous = _contexts.set_current_id(None)  # gradients need no context of their own
     try:
+        timeout, context_id = agent.rpc_timeout, context._id
         calls = [
-            agent.call(sender, _propagate, (context._id, grads), {}, agent.rpc_timeout)
-            for sender, grads in by_sender.items()
+            agent.call(sender, _propagate, (context_id, pass_id, grads), {}, timeout)
+            for sender, grads in step.gradients.items()
+        ]
+        calls.extend(
+            agent.call(sender, _dead, (context_id, pass_id, message_ids), {}, timeout)
+            for sender, message_ids in step.dead.items()
+        )
+    finally:
+        _contexts.set_current_id(previous)
+    return calls
+
+
+def _resolve_from(
+    agent: Agent, context: DistAutogradContext, pass_id: int, wave: int, source: int | None
+) -> Future[bool]:
+    """Resolve wave ``wave`` of pass ``pass_id``, here and on every worker the context reached
+    (but ``source``, which asked us), once each."""
+    if not context.backward_pass(pass_id).start_resolving(wave):
+        done: Future[bool] = Future()
+        done.set_result(False)
+        return done
+    previous = _contexts.set_current_id(None)
+    try:
+        calls = [
+            agent.call(
+                rank, _resolve, (context._id, pass_id, wave, agent.rank), {}, agent.rpc_timeout
+            )
+            for rank in sorted(context._known_worker_ids() - {agent.rank, source})
         ]
     finally:
         _contexts.set_current_id(previous)
+    calls.append(_event(agent, context, pass_id, resolving=True))
     return _all_done(calls)
 
 
-def _reachable_leaves(outputs: list[Any]) -> list[Any]:
-    """The leaf tensors (``AccumulateGrad`` nodes) that ``outputs``' graphs reach, and the
-    outputs that are leaves themselves (sent as they are)."""
-    leaves: dict[int, Any] = {id(t): t for t in outputs if t.grad_fn is None}
-    seen: set[int] = set()
-    stack = [t.grad_fn for t in outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.setdefault(id(variable), variable)
-            continue
-        stack.extend(child for child, _ in node.next_functions)
-    return list(leaves.values())
-
-
-def _all_done(calls: list[Future[Any]]) -> Future[None]:
-    """Done when every call is, or failed as soon as one fails (with its error)."""
-    done: Future[None] = Future()
+def _all_done(calls: list[Future[Any]]) -> Future[bool]:
+    """Done when every call is, with whether any said True; or failed as soon as one fails
+    (with its error)."""
+    done: Future[bool] = Future()
     lock = threading.Lock()
     remaining = [len(calls)]  # 0 once done is (being) completed
+    said = [False]
 
     def one_done(call: Future[Any]) -> None:
         error = call._exception
         with lock:
             if not remaining[0]:
                 return
+            said[0] = said[0] or (error is None and bool(call._result))
             remaining[0] = 0 if error is not None else remaining[0] - 1
             if remaining[0]:
                 return
@@ -183,23 +231,48 @@ def _all_done(calls: list[Future[Any]]) -> Future[None]:
         if error is not None:
             done.set_exception(error)
         else:
-            done.set_result(None)
+            done.set_result(said[0])
 
+    if not calls:
+        done.set_result(False)
     for call in calls:
         call.add_done_callback(one_done)
     return done
 
 
 @async_execution
-def _propagate(context_id: int, grads_by_message: dict[int, list[Any]]) -> Future[None]:
-    """On the worker that sent these messages: continue the pass from their tensors, in one
-    engine run (a tensor sent in two messages, or two tensors sharing a node, run it once)."""
+def _propagate(
+    context_id: int, pass_id: int, grads_by_message: dict[int, list[Any]]
+) -> Future[bool]:
+    """On the worker that sent these messages: their gradients, in one event (a tensor sent in
+    two messages, or two tensors sharing a node, run it once)."""
     agent = _agent.require_agent()
     context = _contexts.table(agent).retrieve(context_id)
-    seeds: list[tuple[Any, Any]] = []
+    seeds: Seeds = []
     for message_id, grads in grads_by_message.items():
         seeds.extend(zip(context.sent_tensors(message_id), grads, strict=True))
-    return local_pass(agent, context, seeds)
+    return _event(agent, context, pass_id, seeds=seeds, arrived=list(grads_by_message))
+
+
+@async_execution
+def _dead(context_id: int, pass_id: int, message_ids: list[int]) -> Future[bool]:
+    """On the worker that sent these messages: no gradient will come for them."""
+    agent = _agent.require_agent()
+    context = _contexts.table(agent).retrieve(context_id)
+    return _event(agent, context, pass_id, dead=message_ids)
+
+
+@async_execution
+def _resolve(context_id: int, pass_id: int, wave: int, source: int) -> Future[bool]:
+    """Resolve wave ``wave`` of pass ``pass_id`` reaches this worker (see the module
+    docstring)."""
+    agent = _agent.require_agent()
+    context = _contexts.table(agent).get(context_id)
+    if context is None:  # never reached here, or released: nothing waits here
+        done: Future[bool] = Future()
+        done.set_result(False)
+        return done
+    return _resolve_from(agent, context, pass_id, wave, source)
 
 
 def rref_backward(agent: Agent, rref: Any, context_id: int, retain_graph: bool) -> None:
@@ -221,7 +294,7 @@ def rref_backward(agent: Agent, rref: Any, context_id: int, retain_graph: bool) 
 def _backward_here(agent: Agent, context_id: int, root: Any) -> Future[None]:
     context = _contexts.table(agent).retrieve(context_id)
     (root,) = check_roots([backward_root(root)])
-    return local_pass(agent, context, [(root, torch.ones_like(root))])
+    return _pass_from(agent, context, [(root, torch.ones_like(root))])
 
 
 @async_execution

@@ -1,0 +1,283 @@
+"""One worker's part of one backward pass: which of its nodes may run now, and what waits.
+
+A worker's graph is reached by the gradients of the messages it sent (and, on the worker that
+called ``backward``, by the roots).  As torch's engine does, a node runs once, after every
+gradient for it that will arrive has arrived: so while a message this worker sent has not had
+its gradients back (it is *pending*), the nodes its tensors reach (the *blocked* region) do not
+run.  A run from the gradients that did arrive stops at the edges into blocked nodes and keeps
+the gradients that reached them (*held*), with the gradients of this worker's own leaves, until
+the messages they wait for are settled; gradients of received tensors outside the blocked region
+are final, and go back to their senders at once (waiting with them could deadlock a pass that
+crosses a worker twice).  While nothing is pending, a run is one ``torch.autograd.backward``
+into the leaves, as it always was.
+
+A pending message is settled when its gradients arrive, or when its receiver declares that they
+never will (*dead*: no gradient reached those tensors, and none of what the receiver still waits
+for reaches them).  Receivers declare only once the pass is *resolving*, which the worker that
+started the pass sets everywhere when its first wave of gradients is done and some worker said
+it still held gradients then (see ``_engine``): torch's engine would wait for those gradients
+forever; ours runs what they held back with what did arrive.  Because every message was sent
+after the ones it was computed from, what each worker waits for never forms a cycle, and the
+declarations settle everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from thenable import _recorder
+from thenable.autograd import _grad_field
+from thenable.autograd._graph import Blocked, Region, frontier, leaf_of, node_of, walk
+from thenable.autograd._torch import torch
+
+if TYPE_CHECKING:
+    from thenable._future import Future
+    from thenable.autograd._contexts import DistAutogradContext
+
+__all__ = ("BackwardError", "Event", "PassState", "Step", "advance")
+
+Seeds = list[tuple[Any, Any]]
+"""(target, gradient) pairs: a target is a tensor or a ``GradientEdge``."""
+
+
+class BackwardError(RuntimeError):
+    """An error raised by the backward pass on one worker ("Error on Node N: ...", as torch
+    says); the original is its ``__cause__`` where it could travel."""
+
+
+class Event:
+    """What reached a pass on this worker: gradients of sent messages (or the roots), messages
+    declared dead, the start of resolving.  ``done``: when it and what it caused are done; its
+    value says whether a worker still held gradients then."""
+
+    __slots__ = ("arrived", "dead", "done", "resolving", "seeds")
+
+    def __init__(
+        self,
+        done: Future[bool],
+        seeds: Seeds = (),  # type: ignore[assignment]
+        arrived: tuple[int, ...] | list[int] = (),
+        dead: tuple[int, ...] | list[int] = (),
+        resolving: bool = False,
+    ) -> None:
+        self.done = done
+        self.seeds = [(target, grad) for target, grad in seeds if grad is not None]
+        self.arrived = arrived
+        self.dead = dead
+        self.resolving = resolving
+
+
+class PassState:
+    """One pass on this worker.  Its events run one batch at a time, in the thread that finds
+    no batch running (``enqueue``/``take``); the fields below the lock's belong to that thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[Event] = []
+        self._running = False
+        self._holding = False
+        self._resolve_round = 0
+        self.arrived: set[int] = set()  # sent messages whose gradients came
+        self.dead: set[int] = set()  # sent messages whose gradients never will
+        self.given: set[int] = set()  # received messages whose gradients went back
+        self.declared: set[int] = set()  # received messages declared dead to their senders
+        self.held: dict[tuple[int, int], tuple[Any, Any]] = {}  # -> (edge or leaf, grad)
+        self.resolving = False
+
+    def enqueue(self, event: Event) -> bool:
+        """Queue ``event``; True if the caller must run the queue (``take`` until None)."""
+        with self._lock:
+            self._queue.append(event)
+            if self._running:
+                return False
+            self._running = True
+            return True
+
+    def take(self) -> list[Event] | None:
+        """The events queued since the last batch, or None (and the queue is free again)."""
+        with self._lock:
+            if not self._queue:
+                self._running = False
+                return None
+            batch, self._queue = self._queue, []
+            return batch
+
+    def start_resolving(self, wave: int) -> bool:
+        """True the first time wave ``wave`` reaches this worker (each passes it once)."""
+        with self._lock:
+            if wave <= self._resolve_round:
+                return False
+            self._resolve_round = wave
+            return True
+
+    @property
+    def holding(self) -> bool:
+        """Whether gradients wait here for pending messages (as of the last batch)."""
+        with self._lock:
+            return self._holding
+
+    def _set_holding(self) -> None:
+        with self._lock:
+            self._holding = bool(self.held)
+
+    def hold(self, target: Any, grad: Any) -> None:
+        """Keep ``grad`` for ``target`` (an edge, or a leaf tensor) until a later run."""
+        if isinstance(target, torch.Tensor):
+            key = (id(target), -1)
+        else:
+            key = (id(target.node), target.output_nr)
+        kept = self.held.get(key)
+        self.held[key] = (target, grad if kept is None else kept[1] + grad)
+
+
+class Step:
+    """What a batch leaves to send: gradients by sender (``{sender: {message: grads}}``) and
+    dead received messages by sender."""
+
+    __slots__ = ("dead", "gradients")
+
+    def __init__(self) -> None:
+        self.gradients: dict[int, dict[int, list[Any]]] = {}
+        self.dead: dict[int, list[int]] = {}
+
+
+def advance(rank: int, context: DistAutogradContext, state: PassState, batch: list[Event]) -> Step:
+    """Run what ``batch`` lets run; accumulate this worker's leaves into the context."""
+    seeds: Seeds = []
+    for event in batch:
+        seeds.extend(event.seeds)
+        state.arrived.update(event.arrived)
+        state.dead.update(event.dead)
+        state.resolving = state.resolving or event.resolving
+    seeds.extend(state.held.values())
+    state.held.clear()
+    settled = state.arrived | state.dead
+    blocked = Blocked(
+        tensor
+        for message_id, tensors in context._send_functions().items()
+        if message_id not in settled
+        for tensor in tensors
+    )
+    step = Step()
+    if seeds:
+        for message_id, (sender, grads) in context.route(
+            _run(rank, state, context, seeds, blocked)
+        ).items():
+            state.given.add(message_id)
+            step.gradients.setdefault(sender, {})[message_id] = grads
+    if state.resolving:
+        _declare_dead(context, state, blocked, step)
+    state._set_holding()
+    return step
+
+
+def _run(
+    rank: int, state: PassState, context: DistAutogradContext, seeds: Seeds, blocked: Blocked
+) -> list[tuple[Any, Any]]:
+    """Run from ``seeds`` up to ``blocked``; the (leaf, gradient) pairs that are final."""
+    if blocked:
+        runnable: Seeds = []
+        for target, grad in seeds:
+            if blocked.holds(target):
+                state.hold(target if node_of(target) is None else _edge_of(target), grad)
+            else:
+                runnable.append((target, grad))
+        seeds = runnable
+        if not seeds:
+            return []
+    region = walk((node_of(target) for target, _ in seeds), stop=blocked)
+    edges = frontier(region, blocked) if blocked else []
+    start = _recorder.now() if _recorder.recording else 0
+    try:
+        if edges:
+            pairs = _run_to(state, context, seeds, region, edges, blocked)
+        else:
+            pairs = _backward_into_leaves(seeds, region)
+    except Exception as exc:
+        raise BackwardError(f"Error on Node {rank}: {exc}") from exc
+    if start:
+        args = {"context_id": context._id, "leaves": len(pairs)}
+        _recorder.complete("dist_autograd backward", "autograd", start, args)
+    return pairs
+
+
+def _edge_of(target: Any) -> Any:
+    """A non-leaf tensor's ``GradientEdge`` (an edge as it is)."""
+    if isinstance(target, torch.Tensor):
+        return torch.autograd.graph.get_gradient_edge(target)
+    return target
+
+
+def _leaves(region: Region, seeds: Seeds = ()) -> list[Any]:  # type: ignore[assignment]
+    """The leaves of ``region``'s gradient accumulators, and the seeds that are leaf tensors."""
+    found: dict[int, Any] = {}
+    for node in region.values():
+        leaf = leaf_of(node)
+        if leaf is not None:
+            found.setdefault(id(leaf), leaf)
+    for target, _ in seeds:
+        if isinstance(target, torch.Tensor) and target.grad_fn is None:
+            found.setdefault(id(target), target)
+    return list(found.values())
+
+
+def _backward_into_leaves(seeds: Seeds, region: Region) -> list[tuple[Any, Any]]:
+    """torch's backward into the leaves' ``.grad`` (borrowed: see ``_grad_field``), which runs
+    their hooks (DDP's reducer among them)."""
+    leaves = _leaves(region, seeds)
+    if not leaves:
+        return []
+    with _grad_field.borrowed(leaves, [None] * len(leaves)):
+        torch.autograd.backward(
+            [target for target, _ in seeds],
+            [grad for _, grad in seeds],
+            retain_graph=True,
+            inputs=leaves,
+        )
+        return [(leaf, leaf.grad) for leaf in leaves]
+
+
+def _run_to(
+    state: PassState,
+    context: DistAutogradContext,
+    seeds: Seeds,
+    region: Region,
+    edges: list[Any],
+    blocked: Blocked,
+) -> list[tuple[Any, Any]]:
+    """The gradients at the edges into blocked nodes and at this worker's own leaves are held
+    (the leaves accumulate, with their hooks, in the run that has nothing left to wait for);
+    those of received tensors are returned."""
+    leaves = [leaf for leaf in _leaves(region, seeds) if id(leaf) not in blocked.leaves]
+    inputs: list[Any] = [*edges, *leaves]
+    grads = torch.autograd.grad(
+        [target for target, _ in seeds],
+        inputs,
+        [grad for _, grad in seeds],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    received: list[tuple[Any, Any]] = []
+    for target, grad in zip(inputs, grads, strict=True):
+        if grad is None:
+            continue
+        if isinstance(target, torch.Tensor) and context.is_received(target):
+            received.append((target, grad))
+        else:
+            state.hold(target, grad)
+    return received
+
+
+def _declare_dead(
+    context: DistAutogradContext, state: PassState, blocked: Blocked, step: Step
+) -> None:
+    """Received messages that no gradient reached, and that nothing still pending here reaches:
+    their senders wait for nothing."""
+    for message_id, (sender, tensors) in context._recv_messages().items():
+        if message_id in state.given or message_id in state.declared:
+            continue
+        if any(id(tensor) in blocked.leaves for tensor in tensors):
+            continue
+        state.declared.add(message_id)
+        step.dead.setdefault(sender, []).append(message_id)
