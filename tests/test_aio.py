@@ -1,4 +1,5 @@
-"""Bridges to asyncio and concurrent.futures: ``await fut``, to/from_asyncio, to/from_concurrent.
+"""Bridges to asyncio, concurrent.futures and torch: ``await fut``, to/from_asyncio,
+to/from_concurrent, from_torch.
 
 Ordering is proved with events, never with time: a thread that completes a future first waits
 for a signal sent from the event loop, so the loop must have kept running meanwhile.  Every wait
@@ -11,15 +12,20 @@ import asyncio
 import concurrent.futures
 import contextlib
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 import thenable
 from thenable import Future
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -615,44 +621,65 @@ def _concurrent_future() -> concurrent.futures.Future[int]:
 
 
 WRONG_TYPES = [
-    pytest.param(thenable.to_asyncio, lambda: 42, "to_asyncio() takes a thenable Future, got int"),
+    pytest.param(
+        thenable.to_asyncio,
+        lambda: 42,
+        "to_asyncio() takes a thenable.Future (or a torch.futures.Future), got builtins.int",
+    ),
     pytest.param(
         thenable.to_asyncio,
         _concurrent_future,
-        "to_asyncio() takes a thenable Future, got Future",
+        "to_asyncio() takes a thenable.Future (or a torch.futures.Future), got "
+        "concurrent.futures._base.Future",
     ),
     pytest.param(
         thenable.to_concurrent,
         _concurrent_future,
-        "to_concurrent() takes a thenable Future, got Future",
+        "to_concurrent() takes a thenable.Future (or a torch.futures.Future), got "
+        "concurrent.futures._base.Future",
     ),
     pytest.param(
         thenable.to_concurrent,
         lambda: None,
-        "to_concurrent() takes a thenable Future, got NoneType",
+        "to_concurrent() takes a Future, got None: Future can't be None",
     ),
     pytest.param(
         thenable.from_asyncio,
         _concurrent_future,
-        "from_asyncio() takes an asyncio Future, got Future",
+        "from_asyncio() takes an asyncio Future, got concurrent.futures._base.Future",
     ),
     pytest.param(
         thenable.from_asyncio,
         _thenable_future,
-        "from_asyncio() takes an asyncio Future, got Future",
+        "from_asyncio() takes an asyncio Future, got thenable._future.Future",
     ),
     pytest.param(
-        thenable.from_asyncio, lambda: "x", "from_asyncio() takes an asyncio Future, got str"
+        thenable.from_asyncio,
+        lambda: "x",
+        "from_asyncio() takes an asyncio Future, got builtins.str",
     ),
     pytest.param(
         thenable.from_concurrent,
         _thenable_future,
-        "from_concurrent() takes a concurrent.futures.Future, got Future",
+        "from_concurrent() takes a concurrent.futures.Future, got thenable._future.Future",
     ),
     pytest.param(
         thenable.from_concurrent,
         lambda: 1.0,
-        "from_concurrent() takes a concurrent.futures.Future, got float",
+        "from_concurrent() takes a concurrent.futures.Future, got builtins.float",
+    ),
+    pytest.param(
+        thenable.from_torch,
+        _thenable_future,
+        "from_torch() takes a torch.futures.Future, got thenable._future.Future",
+    ),
+    pytest.param(
+        thenable.from_torch,
+        _concurrent_future,
+        "from_torch() takes a torch.futures.Future, got concurrent.futures._base.Future",
+    ),
+    pytest.param(
+        thenable.from_torch, lambda: None, "from_torch() takes a torch.futures.Future, got None"
     ),
 ]
 
@@ -665,10 +692,18 @@ def test_bridges_reject_wrong_argument_types(
         bridge(make_argument())
 
 
+def test_a_none_given_to_to_asyncio_or_to_concurrent_is_also_a_runtime_error() -> None:
+    """As torch's RuntimeError("Future can't be None")."""
+    for bridge in (thenable.to_asyncio, thenable.to_concurrent):
+        with pytest.raises(RuntimeError, match="Future can't be None") as info:
+            bridge(None)  # type: ignore[arg-type]
+        assert isinstance(info.value, TypeError)
+
+
 def test_from_asyncio_rejects_a_wrong_type_inside_a_running_loop() -> None:
     async def main() -> None:
         with pytest.raises(
-            TypeError, match=r"^from_asyncio\(\) takes an asyncio Future, got coroutine$"
+            TypeError, match=r"^from_asyncio\(\) takes an asyncio Future, got builtins\.coroutine$"
         ):
             coro = asyncio.sleep(0)
             try:
@@ -677,3 +712,79 @@ def test_from_asyncio_rejects_a_wrong_type_inside_a_running_loop() -> None:
                 await coro  # do not leave it un-awaited
 
     run(main())
+
+
+# -- torch.futures ------------------------------------------------------------------------------
+
+
+def _torch_future() -> torch.futures.Future[int]:
+    torch_module = pytest.importorskip("torch")
+    future: torch.futures.Future[int] = torch_module.futures.Future()
+    return future
+
+
+def test_from_torch_copies_a_value_and_an_exception() -> None:
+    done = _torch_future()
+    done.set_result(1)
+    fut = thenable.from_torch(done)
+    assert isinstance(fut, Future)
+    assert fut.done()
+    assert fut.wait() == 1
+
+    later = _torch_future()
+    fut = thenable.from_torch(later)
+    assert not fut.done()
+    completer = start_thread(lambda: later.set_result(2), "completes-the-torch-future")
+    assert fut.wait(timeout=TIMEOUT) == 2
+    joined(completer)
+
+    failing = _torch_future()
+    fut = thenable.from_torch(failing)
+    error = TaskError("torch failure")
+    failing.set_exception(error)  # type: ignore[arg-type]  # torch's stub: result: T
+    with pytest.raises(TaskError, match=r"^torch failure$") as caught:
+        fut.wait(timeout=TIMEOUT)
+    assert caught.value is error
+
+
+def test_from_torch_completes_in_the_thread_that_completes_the_source() -> None:
+    source = _torch_future()
+    fut = thenable.from_torch(source)
+    threads: list[str] = []
+    fut.add_done_callback(lambda _: threads.append(threading.current_thread().name))
+    completer = start_thread(lambda: source.set_result(3), "torch-completer")
+    joined(completer)
+    assert threads == ["torch-completer"]
+
+
+def test_to_asyncio_and_to_concurrent_take_a_torch_future() -> None:
+    source = _torch_future()
+    target = thenable.to_concurrent(source)
+    assert not target.done()
+    source.set_result(4)
+    assert target.result(timeout=TIMEOUT) == 4
+
+    async def main() -> int:
+        return await thenable.to_asyncio(source)
+
+    assert run(main()) == 4
+
+
+def test_torch_is_never_imported_to_tell_a_torch_future() -> None:
+    code = (
+        "import sys, thenable\n"
+        "for call in (thenable.from_torch, thenable.to_concurrent):\n"
+        "    try:\n"
+        "        call(object())\n"
+        "    except TypeError:\n"
+        "        pass\n"
+        "try:\n"
+        "    thenable.collect_all([object()])\n"
+        "except TypeError:\n"
+        "    pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert completed.stdout.strip() == "False"

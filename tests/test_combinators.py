@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from thenable import Future, as_completed, collect_all, collect_any, wait_all
+from thenable import Future, _aio, as_completed, collect_all, collect_any, wait_all
 
 
 def done(value: Any) -> Future[Any]:
@@ -75,12 +75,25 @@ def test_collect_all_many_futures_completed_from_threads() -> None:
 
 @pytest.mark.parametrize("combinator", [collect_all, wait_all, collect_any, as_completed])
 def test_combinators_reject_non_futures(combinator: Any) -> None:
-    with pytest.raises(TypeError, match=r"item 1 is int, not a thenable.Future"):
+    with pytest.raises(TypeError, match=r"item 1 is builtins\.int, not a thenable\.Future"):
         combinator([done(1), 2])
     with pytest.raises(TypeError, match="got a single Future"):
         combinator(done(1))
-    with pytest.raises(TypeError, match="takes a list of Futures"):
+    with pytest.raises(TypeError, match=r"takes a list of Futures, got builtins\.int$"):
         combinator(42)
+
+
+@pytest.mark.parametrize("combinator", [collect_all, wait_all, collect_any, as_completed])
+def test_a_none_is_refused_as_torch_refuses_it(combinator: Any) -> None:
+    """torch raises RuntimeError("Future can't be None"): ours is a TypeError that is also
+    that RuntimeError, with torch's words."""
+    for futures, index in (((None,), 0), ([done(1), None], 1)):
+        with pytest.raises(TypeError) as info:
+            combinator(futures)
+        assert isinstance(info.value, RuntimeError)
+        assert str(info.value) == (
+            f"{combinator.__name__}(): item {index} is None: Future can't be None"
+        )
 
 
 # -- wait_all -----------------------------------------------------------------------------------
@@ -200,3 +213,49 @@ def test_as_completed_timeout_names_the_pending_count() -> None:
     assert next(iterator).value() == 1
     with pytest.raises(TimeoutError, match="2 of 3 futures still pending"):
         next(iterator)
+
+
+# -- torch futures ------------------------------------------------------------------------------
+
+
+def test_combinators_take_torch_futures_beside_thenable_ones() -> None:
+    torch = pytest.importorskip("torch")
+    theirs: Any = torch.futures.Future()
+    ours: Future[int] = Future()
+    combined = collect_all([theirs, ours])
+    theirs.set_result(1)
+    assert not combined.done()
+    ours.set_result(2)
+    bridge, same = combined.wait(timeout=10)
+    assert isinstance(bridge, Future) and same is ours
+    assert [bridge.value(), same.value()] == [1, 2]
+
+    done_there: Any = torch.futures.Future()
+    done_there.set_result("t")
+    assert wait_all([done_there, done(3)], timeout=10) == ["t", 3]
+    first = collect_any([Future(), done_there])
+    assert first.wait(timeout=10).value() == "t"
+    assert [f.value() for f in as_completed([done_there, done_there], timeout=10)] == ["t"]
+
+
+def test_wait_all_raises_a_torch_future_s_exception_itself() -> None:
+    torch = pytest.importorskip("torch")
+    failing: Any = torch.futures.Future()
+    error = ValueError("from torch")
+    completer = threading.Thread(target=failing.set_exception, args=(error,))
+    completer.start()  # completes it while wait_all waits (or before: either way)
+    with pytest.raises(ValueError) as info:
+        wait_all([Future(), failing], timeout=30)
+    assert info.value is error
+    completer.join(timeout=10)
+
+
+def test_a_bad_item_leaves_no_bridge_on_the_torch_futures_before_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    bridged: list[object] = []
+    monkeypatch.setattr(_aio, "from_torch", bridged.append)
+    with pytest.raises(TypeError, match=r"item 1 is builtins\.str, not a thenable\.Future"):
+        collect_all([torch.futures.Future(), "not a future"])  # type: ignore[list-item]
+    assert bridged == []  # every item is checked before any is bridged

@@ -7,7 +7,7 @@ import traceback
 
 import pytest
 
-from thenable._errors import as_runtime_error
+from thenable._errors import as_runtime_error, type_name
 
 
 class TwoArgs(Exception):
@@ -102,3 +102,11 @@ def test_a_class_that_cannot_be_combined_gives_a_runtime_error_naming_it() -> No
     assert type(copy).__mro__ == RuntimeError.__mro__
     assert str(copy) == f"{Picky.__qualname__}: odd"
     assert copy.__cause__ is original
+
+
+def test_type_name_names_the_module_and_the_qualified_name() -> None:
+    """What the "not a Future" messages name: ``Future`` alone says neither whose nor which."""
+    assert type_name(3) == "builtins.int"
+    assert type_name(None) == "None"
+    assert type_name(TwoArgs("m", 1)) == f"{__name__}.TwoArgs"
+    assert type_name(as_runtime_error(KeyError("k"))) == "builtins.KeyError"

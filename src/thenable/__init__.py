@@ -12,6 +12,7 @@ from typing import Any as _Any
 
 from thenable._aio import from_asyncio as from_asyncio
 from thenable._aio import from_concurrent as from_concurrent
+from thenable._aio import from_torch as from_torch
 from thenable._aio import to_asyncio as to_asyncio
 from thenable._aio import to_concurrent as to_concurrent
 from thenable._combinators import as_completed as as_completed
@@ -43,6 +44,7 @@ __all__ = (
     "fork",
     "from_asyncio",
     "from_concurrent",
+    "from_torch",
     "get_num_interop_threads",
     "set_num_interop_threads",
     "to_asyncio",

@@ -1,13 +1,21 @@
-"""Combinators over many futures: collect_all, wait_all, collect_any, as_completed."""
+"""Combinators over many futures: collect_all, wait_all, collect_any, as_completed.
+
+Each takes thenable Futures and ``torch.futures.Future`` objects: a torch one is bridged
+(``thenable.from_torch``), and its bridge stands in its place in what is returned.
+"""
 
 from __future__ import annotations
 
 import itertools
 import queue
 from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from thenable._future import Future, check_futures, deadline_after, remaining
+from thenable._aio import as_futures
+from thenable._future import Future, deadline_after, remaining
+
+if TYPE_CHECKING:
+    import torch  # for annotations only: never imported at run time
 
 __all__ = ["as_completed", "collect_all", "collect_any", "wait_all"]
 
@@ -32,16 +40,18 @@ class _Countdown:
             self.target.set_result(self.futures)
 
 
-def collect_all(futures: Iterable[Future[T]]) -> Future[list[Future[T]]]:
+def collect_all(futures: Iterable[Future[T] | torch.futures.Future[T]]) -> Future[list[Future[T]]]:
     """Return a Future that completes, with the same list of futures, once all have completed.
 
     It completes successfully even if some sub-futures failed: inspect each one, or use
     ``wait_all`` to raise the first failure.  An empty list gives an already-completed Future.
+    A ``torch.futures.Future`` in the list is there as its thenable bridge (``from_torch``).
 
     Raises:
-        TypeError: ``futures`` is not a list of thenable Futures.
+        TypeError: ``futures`` is not a list of Futures (a None in it: also a RuntimeError,
+            "Future can't be None", as torch raises).
     """
-    items = check_futures(futures, "collect_all")
+    items = as_futures(futures, "collect_all")
     combined: Future[list[Future[T]]] = Future()
     if not items:
         combined.set_result(items)
@@ -70,7 +80,9 @@ class _AllOrFirstError:
             self.target._complete([f._result for f in self.futures], None, strict=False)
 
 
-def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list[T]:
+def wait_all(
+    futures: Iterable[Future[T] | torch.futures.Future[T]], timeout: float | None = None
+) -> list[T]:
     """Block until every future completes and return their values, in order.
 
     As the torch.futures documentation promises, this exits as soon as any future fails,
@@ -81,11 +93,12 @@ def wait_all(futures: Iterable[Future[T]], timeout: float | None = None) -> list
         timeout: seconds to wait at most (thenable extension); ``None`` waits forever.
 
     Raises:
-        TypeError: ``futures`` is not a list of thenable Futures.
+        TypeError: ``futures`` is not a list of Futures (a None in it: also a RuntimeError,
+            "Future can't be None", as torch raises).
         TimeoutError: ``timeout`` passed first.
         Exception: the first failure among the futures.
     """
-    items = check_futures(futures, "wait_all")
+    items = as_futures(futures, "wait_all")
     if not items:
         return []
     combined: Future[list[T]] = Future()
@@ -109,17 +122,18 @@ class _FirstDone:
         self.target._complete(future, None, strict=False)
 
 
-def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:
+def collect_any(futures: Iterable[Future[T] | torch.futures.Future[T]]) -> Future[Future[T]]:
     """Return a Future that completes with the first of ``futures`` to complete.
 
     Its value is that sub-future itself (done, successfully or not), so the caller can tell
     which one finished and read its value or exception.  thenable extension; torch has none.
 
     Raises:
-        TypeError: ``futures`` is not a list of thenable Futures.
+        TypeError: ``futures`` is not a list of Futures (a None in it: also a RuntimeError,
+            "Future can't be None", as torch raises).
         ValueError: ``futures`` is empty (no future could ever complete the result).
     """
-    items = check_futures(futures, "collect_any")
+    items = as_futures(futures, "collect_any")
     if not items:
         raise ValueError("collect_any() needs at least one Future; the list is empty")
     first: Future[Future[T]] = Future()
@@ -131,7 +145,9 @@ def collect_any(futures: Iterable[Future[T]]) -> Future[Future[T]]:
     return first
 
 
-def as_completed(futures: Iterable[Future[T]], timeout: float | None = None) -> Iterator[Future[T]]:
+def as_completed(
+    futures: Iterable[Future[T] | torch.futures.Future[T]], timeout: float | None = None
+) -> Iterator[Future[T]]:
     """Yield each distinct future of ``futures`` as it completes, already-done ones first.
 
     Like ``concurrent.futures.as_completed``; a future listed twice is yielded once.
@@ -141,10 +157,11 @@ def as_completed(futures: Iterable[Future[T]], timeout: float | None = None) -> 
         timeout: seconds, from this call, for all of them to complete; ``None`` waits forever.
 
     Raises:
-        TypeError: ``futures`` is not a list of thenable Futures.
+        TypeError: ``futures`` is not a list of Futures (a None in it: also a RuntimeError,
+            "Future can't be None", as torch raises).
         TimeoutError: (from ``next()``) ``timeout`` passed before every future completed.
     """
-    items = list(dict.fromkeys(check_futures(futures, "as_completed")))
+    items = as_futures(futures, "as_completed", distinct=True)
     deadline = deadline_after(timeout)
     return _as_completed(items, deadline)
 

@@ -16,7 +16,7 @@ import threading
 import types
 from typing import Any, TypeVar
 
-__all__ = ("as_runtime_error",)
+__all__ = ("as_runtime_error", "type_name")
 
 E = TypeVar("E", bound=BaseException)
 
@@ -54,6 +54,15 @@ def as_runtime_error(exc: E) -> E:
     copy.__context__ = exc.__context__
     copy.__suppress_context__ = exc.__suppress_context__
     return copy  # type: ignore[return-value]
+
+
+def type_name(value: object) -> str:
+    """``value``'s class as error messages name it: ``module.qualname`` (``builtins.int``), or
+    ``None`` for None."""
+    if value is None:
+        return "None"
+    cls = type(value)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _both(cls: type[BaseException]) -> type[BaseException]:

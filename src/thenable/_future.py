@@ -30,7 +30,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 
@@ -590,23 +590,6 @@ def deadline_after(timeout: float | None) -> float | None:
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (never negative), or None for no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def check_futures(futures: object, caller: str) -> list[Future[Any]]:
-    """Return ``futures`` as a list, raising TypeError naming any entry that is not a Future."""
-    if isinstance(futures, Future):
-        raise TypeError(f"{caller}() takes a list of Futures, got a single Future; wrap it: [fut]")
-    if not isinstance(futures, Iterable):
-        raise TypeError(f"{caller}() takes a list of Futures, got {type(futures).__qualname__}")
-    items = list(futures)
-    for index, item in enumerate(items):
-        if not isinstance(item, Future):
-            raise TypeError(
-                f"{caller}(): item {index} is {type(item).__qualname__}, not a thenable.Future; "
-                "wrap concurrent.futures / asyncio futures with thenable.from_concurrent() / "
-                "thenable.from_asyncio() first"
-            )
-    return items
 
 
 def _short_repr(value: object, limit: int = 60) -> str:

@@ -365,6 +365,13 @@ def check_unknown_destination() -> dict[str, Any]:
         "async": failure_of(rpc.rpc_async, "nobody", add, args=(1, 2)),
         "remote": failure_of(rpc.remote, "worker9", add, args=(1, 2)),
         "rank": failure_of(rpc.rpc_sync, 9, add, args=(1, 2)),
+        # Neither a name, a rank nor a WorkerInfo (torch's test_send_to_rank: rank + 0.5).
+        "float-sync": failure_of(rpc.rpc_sync, 1.0, add, args=(1, 2)),
+        "float-async": failure_of(rpc.rpc_async, 1.5, add, args=(1, 2)),
+        "float-remote": failure_of(rpc.remote, 0.5, add, args=(1, 2)),
+        "bytes": failure_of(rpc.rpc_sync, b"worker1", add, args=(1, 2)),
+        "none": failure_of(rpc.rpc_sync, None, add, args=(1, 2)),
+        "stats": failure_of(rpc.get_stats, 1.0),
     }
     out["seconds"] = time.monotonic() - start
     return out

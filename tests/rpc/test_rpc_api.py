@@ -136,6 +136,27 @@ def test_unknown_destination_fails_at_once(group: Group) -> None:
     assert out["seconds"] < 5.0  # not after a timeout
 
 
+def test_a_destination_of_another_type_is_a_type_error_that_torch_code_catches(
+    group: Group,
+) -> None:
+    """torch raises ValueError ("Cannot get WorkerInfo from name 1.0") for a destination that
+    is not a name, rank or WorkerInfo; ours is a TypeError that is also that ValueError (an
+    UnknownWorkerError) and a RuntimeError."""
+    out = group.call(0, fns.check_unknown_destination)
+    for label, shown in (
+        ("float-sync", "1.0 (builtins.float)"),
+        ("float-async", "1.5 (builtins.float)"),
+        ("float-remote", "0.5 (builtins.float)"),
+        ("bytes", "b'worker1' (builtins.bytes)"),
+        ("none", "None"),
+        ("stats", "1.0 (builtins.float)"),
+    ):
+        failure = _is(out[label], rpc.DestinationTypeError, f"cannot get a WorkerInfo from {shown}")
+        assert "must be a worker name (str), rank (int) or WorkerInfo" in failure.message
+        for base in (TypeError, ValueError, RuntimeError, rpc.UnknownWorkerError):
+            assert f"{base.__module__}.{base.__qualname__}" in failure.bases, (label, base)
+
+
 def test_rpc_before_init_rpc_fails() -> None:
     # This (the pytest) process never calls init_rpc.
     for call in (
@@ -153,7 +174,15 @@ def test_rpc_before_init_rpc_fails() -> None:
 
 def test_call_longer_than_its_timeout_fails_with_timeout_error(group: Group) -> None:
     out = group.call(0, fns.check_timeout, 0.5)
-    _is(out["failure"], rpc.RpcTimeoutError, "timed out after 0.5 s", "wait_for_gate", "worker1")
+    _is(
+        out["failure"],
+        rpc.RpcTimeoutError,
+        "timed out after 0.5 s",
+        "wait_for_gate",
+        "worker1",
+        # torch's words, that torch's tests match ("RPC ran for more than")
+        "RPC ran for more than set timeout (500 ms) and will now be marked with an error",
+    )
     assert 0.45 <= out["elapsed"] < 10.0
     assert out["next"] == "worker1"
 

@@ -3,6 +3,8 @@ and init through env:// (MASTER_ADDR/MASTER_PORT)."""
 
 from __future__ import annotations
 
+import logging
+
 import _remote_fns as fns
 import pytest
 from _harness import Failure, Group, free_port
@@ -180,6 +182,8 @@ def test_bad_rank_or_world_size_is_a_clear_value_error(
         ({"heartbeat_s": 0.01}, ValueError, "0 (no heartbeat) or between 0.1 and 3600"),
         ({"heartbeat_s": -1}, ValueError, "got -1"),
         ({"devices": ["cuda:0"]}, NotImplementedError, "move tensors to CPU"),
+        ({"_transports": "uv"}, TypeError, "_transports must be a list of str (or None)"),
+        ({"_channels": ["basic", 1]}, TypeError, "_channels must be a list of str (or None)"),
     ],
 )
 def test_bad_backend_options_are_refused_naming_the_option(
@@ -189,6 +193,40 @@ def test_bad_backend_options_are_refused_naming_the_option(
         rpc.RpcBackendOptions(**options)  # type: ignore[arg-type]
     assert type(info.value) is error
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("transports", "same_host_ipc"),
+    [(["uv"], False), ([], False), (["shm", "uv"], True), (["ibv", "uv"], True), (None, True)],
+)
+def test_torch_s_tensorpipe_transports_choose_tcp_only_or_not(
+    transports: list[str] | None, same_host_ipc: bool
+) -> None:
+    """Without "shm" (or "ibv"), torch's workers talk over TCP only: ours too."""
+    options = rpc.TensorPipeRpcBackendOptions(_transports=transports)
+    assert options.same_host_ipc is same_host_ipc
+    assert options._transports == transports
+
+
+def test_torch_s_channels_and_unknown_transports_are_ignored_in_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="thenable.rpc"):
+        options = rpc.TensorPipeRpcBackendOptions(
+            init_method="tcp://127.0.0.1:1", _transports=["uv", "ibv"], _channels=["basic"]
+        )
+    assert options.same_host_ipc is True  # "ibv": a fast path is allowed, as shm is
+    assert options._channels == ["basic"]
+    assert [(r.name, r.levelno) for r in caplog.records] == [("thenable.rpc", logging.INFO)]
+    assert caplog.records[0].getMessage() == (
+        "RpcBackendOptions: ignored _transports ['ibv'] (thenable's are TCP, torch's 'uv', and "
+        "same-host shared memory, torch's 'shm'); _channels=['basic'] (thenable has no "
+        "TensorPipe channels: payloads travel in its own frames)"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="thenable.rpc"):
+        rpc.TensorPipeRpcBackendOptions(_transports=["uv"])  # nothing ignored: nothing said
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize(

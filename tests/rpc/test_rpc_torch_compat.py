@@ -8,6 +8,7 @@ One group of three workers; worker0 makes the calls.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +57,8 @@ def test_failures_are_catchable_as_torch_raises_them(group: Group) -> None:
     )
     _is(out["not-recreatable"], rpc.RemoteError, "TwoArgError")
     _is(out["timeout"], rpc.RpcTimeoutError, "timed out after 0.2 s", torch=TimeoutError)
-    _is(out["timeout"], rpc.RpcTimeoutError)
+    # torch's test fixture matches its timeouts with get_timeout_error_regex(): this phrase.
+    _is(out["timeout"], rpc.RpcTimeoutError, "RPC ran for more than set timeout (200 ms)")
     # A then() callback failing on the callee: the type stays, and it is a RuntimeError too.
     then = out["then-on-callee"]
     assert then.type_name == "builtins.ValueError"
@@ -129,11 +131,30 @@ def test_worker_info_is_as_torch_s() -> None:
         rpc.WorkerInfo("w", "1")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["", "bad name", "a/b", "é", "x" * 128, "tab\t"])
+INVALID_NAMES = ["", "bad name", "a/b", "é", "x" * 128, "tab\t", "abc*", " ", "a" * 500]
+
+
+@pytest.mark.parametrize("name", INVALID_NAMES)
 def test_invalid_worker_names_are_refused_as_torch_refuses_them(name: str) -> None:
     with pytest.raises(rpc.WorkerNameError, match="invalid worker name") as info:
         rpc.init_rpc(name, rank=0, world_size=1)
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, ValueError)
+    _has_torch_s_words(info.value)
+
+
+@pytest.mark.parametrize("name", INVALID_NAMES)
+def test_worker_info_refuses_the_names_that_torch_s_refuses(name: str) -> None:
+    with pytest.raises(rpc.WorkerNameError, match=f"^invalid worker name {re.escape(repr(name))}"):
+        rpc.WorkerInfo(name, 0)
+    with pytest.raises(RuntimeError) as info:
+        rpc.WorkerInfo(name, 0)
+    _has_torch_s_words(info.value)
+
+
+def _has_torch_s_words(error: BaseException) -> None:
+    """What torch's test_invalid_names matches, for WorkerInfo("abc*", 0) and the like."""
+    for words in ("Worker name must match", "must be non-empty", "shorter than 128"):
+        assert words in str(error), (words, str(error))
 
 
 def test_valid_worker_names_include_torch_s_punctuation() -> None:
@@ -166,9 +187,27 @@ def test_the_error_types_derive_from_torch_s() -> None:
         (rpc.WorkerNameError, ValueError),
         (rpc.RendezvousError, ValueError),
         (rpc.AsyncExecutionError, TypeError),
+        (rpc.DestinationTypeError, TypeError),
     ]:
         assert issubclass(cls, builtin) and issubclass(cls, rpc.RpcError), cls
     assert issubclass(rpc.RemoteError, rpc.RpcError)
+    # torch raises ValueError for rpc_sync(1.0, f): an UnknownWorkerError is one.
+    assert issubclass(rpc.DestinationTypeError, rpc.UnknownWorkerError)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "shown"), [(0.5, "500 ms"), (0.2, "200 ms"), (60.0, "60000 ms"), (1e-4, "0.1 ms")]
+)
+def test_a_call_timeout_says_what_torch_s_does(timeout: float, shown: str) -> None:
+    """torch's words, matched by its tests' get_timeout_error_regex() ("RPC ran for more
+    than"), follow thenable's own."""
+    message = f"RPC call of f on worker1 timed out after {timeout} s"
+    error = rpc.RpcTimeoutError.after_timeout(message, timeout)
+    assert type(error) is rpc.RpcTimeoutError
+    assert str(error) == (
+        f"{message}: RPC ran for more than set timeout ({shown}) and will now be marked with "
+        "an error"
+    )
 
 
 def test_torch_s_module_level_names_and_constants() -> None:

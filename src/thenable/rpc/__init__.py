@@ -20,6 +20,7 @@ from thenable.rpc._api import rpc_async as rpc_async
 from thenable.rpc._api import rpc_sync as rpc_sync
 from thenable.rpc._api import shutdown as shutdown
 from thenable.rpc._errors import AsyncExecutionError as AsyncExecutionError
+from thenable.rpc._errors import DestinationTypeError as DestinationTypeError
 from thenable.rpc._errors import RemoteError as RemoteError
 from thenable.rpc._errors import RendezvousError as RendezvousError
 from thenable.rpc._errors import RpcConnectionError as RpcConnectionError
@@ -49,6 +50,7 @@ __all__ = (
     "AsyncExecutionError",
     "AuthenticationError",
     "BackendType",
+    "DestinationTypeError",
     "ProtocolError",
     "PyRRef",
     "RRef",

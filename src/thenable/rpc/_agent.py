@@ -45,7 +45,7 @@ from thenable.rpc._errors import (
     SerializationError,
     UnknownWorkerError,
 )
-from thenable.rpc._options import RpcBackendOptions, WorkerInfo
+from thenable.rpc._options import RpcBackendOptions, WorkerInfo, destination_type_error
 from thenable.rpc._protocol import Message, MessageKind
 from thenable.rpc._rref import OwnerTable
 from thenable.rpc._serialize import ATOMS, dumps, dumps_exception, loads, loads_exception
@@ -265,10 +265,7 @@ class Agent:
                     f"unknown destination rank {to}; ranks are 0..{self.world_size - 1}"
                 )
             return to
-        raise TypeError(
-            f"the destination must be a worker name, rank or WorkerInfo, got "
-            f"{type(to).__qualname__}"
-        )
+        raise destination_type_error(to)
 
     # -- calling ------------------------------------------------------------------------------
 
@@ -379,7 +376,9 @@ class Agent:
                 # alive until its late reply comes (or the connection goes), see _rref.
                 self._late_holds[request_id] = (pending.link, pending.holds)
         if pending is not None:
-            error = RpcTimeoutError(f"RPC {pending.describe(self)} timed out after {timeout} s")
+            error = RpcTimeoutError.after_timeout(
+                f"RPC {pending.describe(self)} timed out after {timeout} s", timeout
+            )
             # Completed on the pool: user callbacks must not stall the timer thread (unless
             # the pool is shut down: then here, so that the call still ends).
             done = self.pool.submit(pending.future._complete, None, error)

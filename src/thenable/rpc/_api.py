@@ -16,6 +16,7 @@ from thenable.rpc._options import (
     RpcBackendOptions,
     WorkerInfo,
     check_worker_name,
+    destination_type_error,
     resolve_auth_key,
     resolve_rank_and_world_size,
 )
@@ -173,7 +174,21 @@ def _resolve_call(
         kwargs = {}
     elif not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, got {type(kwargs).__qualname__}")
+    if type(to) is not str:  # (the common case, checked by resolve)
+        _check_destination(to)
     return agent, agent.resolve(to), tuple(args), kwargs
+
+
+def _check_destination(to: object) -> None:
+    """Refuse a destination that is not a worker name, rank or WorkerInfo.
+
+    Raises:
+        DestinationTypeError: ``to`` is of another type (a ``TypeError``, and a ``ValueError``
+            and ``RuntimeError`` too: torch raises ``ValueError`` for ``rpc_sync(1.0, f)``).
+    """
+    if isinstance(to, (str, WorkerInfo)) or (isinstance(to, int) and not isinstance(to, bool)):
+        return
+    raise destination_type_error(to)
 
 
 def rpc_async(
@@ -191,7 +206,9 @@ def rpc_async(
 
     Raises (at once):
         RuntimeError: RPC is not initialized.
-        ValueError: ``to`` names no worker.
+        UnknownWorkerError: ``to`` names no worker (a ``ValueError``).
+        DestinationTypeError: ``to`` is not a name, rank or WorkerInfo (a ``TypeError`` and an
+            ``UnknownWorkerError``: torch raises ``ValueError``).
         TypeError: bad ``func``, ``args`` or ``kwargs``.
         SerializationError: an argument cannot be pickled.
     """
@@ -265,11 +282,13 @@ def get_stats(
     Raises:
         RuntimeError: RPC is not initialized.
         UnknownWorkerError: no worker has that name or rank.
+        DestinationTypeError: ``worker`` is not a name, rank or WorkerInfo.
         RpcTimeoutError: the worker did not answer within ``timeout`` (-1: the default).
     """
     agent = _agent.require_agent()
     if worker is None:
         return agent.statistics()
+    _check_destination(worker)
     rank = agent.resolve(worker)
     if rank == agent.rank:
         return agent.statistics()

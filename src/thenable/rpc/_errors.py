@@ -8,8 +8,9 @@ from the built-in type that says what went wrong (``TimeoutError``, ``Connection
 
 What raises what (torch raises ``RuntimeError`` in each case, or where noted):
 
-- ``RpcTimeoutError``: a call runs past its timeout; ``init_rpc`` or a graceful ``shutdown``
-  runs out of time.
+- ``RpcTimeoutError``: a call runs past its timeout (the message has torch's "RPC ran for more
+  than set timeout", which torch's tests and programs match); ``init_rpc`` or a graceful
+  ``shutdown`` runs out of time.
 - ``RpcConnectionError``: the peer died, the connection broke, the peer stopped answering
   heartbeats, RPC shut down under a call.
 - ``SendQueueFullError`` (an ``RpcConnectionError``): the peer has not read what was sent to
@@ -18,6 +19,8 @@ What raises what (torch raises ``RuntimeError`` in each case, or where noted):
   pickled; the callee cannot load a call (a function it cannot import, say).
 - ``RemoteError``: a remote exception that cannot be re-created here.
 - ``UnknownWorkerError``: no worker has that name or rank.
+- ``DestinationTypeError`` (an ``UnknownWorkerError`` and a ``TypeError``): the destination of
+  a call is not a name, rank or WorkerInfo (``rpc_sync(1.0, f)``; torch: ``ValueError``).
 - ``WorkerNameError``: an invalid worker name, or one that two workers have.
 - ``RendezvousError``: a rank taken twice, workers started with different world sizes.
 - ``AsyncExecutionError``: an ``@async_execution`` function returned no Future.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 __all__ = (
     "AsyncExecutionError",
+    "DestinationTypeError",
     "RemoteError",
     "RendezvousError",
     "RpcConnectionError",
@@ -46,6 +50,18 @@ class RpcError(RuntimeError):
 class RpcTimeoutError(TimeoutError, RpcError):
     """A call, ``init_rpc``'s rendezvous or a graceful ``shutdown`` ran out of time."""
 
+    @classmethod
+    def after_timeout(cls, message: str, timeout: float) -> RpcTimeoutError:
+        """The error of a call past its ``timeout`` (seconds): ``message``, then torch's words
+        for it, "RPC ran for more than set timeout (500 ms) and will now be marked with an
+        error", that torch's tests and programs match."""
+        milliseconds = timeout * 1000
+        shown = f"{milliseconds:.0f}" if milliseconds >= 1 else f"{milliseconds:g}"
+        return cls(
+            f"{message}: RPC ran for more than set timeout ({shown} ms) and will now be marked "
+            "with an error"
+        )
+
 
 class RpcConnectionError(ConnectionError, RpcError):
     """A peer cannot be reached or went away (the message says which and why)."""
@@ -63,6 +79,15 @@ class SerializationError(TypeError, RpcError):
 
 class UnknownWorkerError(ValueError, RpcError):
     """No worker of the group has that name or rank."""
+
+
+class DestinationTypeError(TypeError, UnknownWorkerError):
+    """The destination of a call is not a worker name (str), rank (int) or WorkerInfo.
+
+    A TypeError for what it is, and an ``UnknownWorkerError`` (so a ``ValueError`` and a
+    ``RuntimeError``) because that is what torch raises: ``ValueError("Cannot get WorkerInfo
+    from name 1.0")``.
+    """
 
 
 class WorkerNameError(ValueError, RpcError):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from thenable.rpc._errors import WorkerNameError
+from thenable._errors import type_name
+from thenable.rpc._errors import DestinationTypeError, WorkerNameError
 
 __all__ = (
     "DEFAULT_BUSY_POLL_US",
@@ -20,6 +22,7 @@ __all__ = (
     "RpcBackendOptions",
     "WorkerInfo",
     "check_worker_name",
+    "destination_type_error",
     "resolve_auth_key",
     "resolve_rank_and_world_size",
 )
@@ -43,6 +46,8 @@ DEFAULT_HEARTBEAT_S = 10.0
 """``RpcBackendOptions.heartbeat_s``'s default, in seconds."""
 _AUTH_KEY_ENV = "THENABLE_AUTH_KEY"
 
+_LOGGER = logging.getLogger("thenable.rpc")
+
 # (rank variable, world size variable) of the launchers we understand, in order of preference.
 _LAUNCHER_ENV = (
     ("RANK", "WORLD_SIZE"),  # torchrun, thenable launch
@@ -58,16 +63,24 @@ _WORKER_NAME = re.compile(r"[A-Za-z0-9_:-]{1,127}")
 def check_worker_name(name: object) -> None:
     """Accept the worker names torch accepts: 1 to 127 letters, digits, ``_``, ``-``, ``:``.
 
+    ``init_rpc`` and ``WorkerInfo`` check their names with it.
+
     Raises:
         TypeError: ``name`` is not a string.
-        WorkerNameError: it is empty, too long or has another character.
+        WorkerNameError: it is empty, too long or has another character; the message has
+            torch's words ("Worker name must match ...") too.
     """
     if not isinstance(name, str):
         raise TypeError(f"a worker name must be a str, got {type(name).__qualname__}")
+    _check_name_text(name)
+
+
+def _check_name_text(name: str) -> None:
     if _WORKER_NAME.fullmatch(name) is None:
         raise WorkerNameError(
             f"invalid worker name {name!r}: it must be 1 to 127 characters, each a letter, a "
-            "digit, '_', '-' or ':' (as torch requires)"
+            "digit, '_', '-' or ':' (torch: Worker name must match ^[A-Za-z0-9-_:]*$, and must "
+            "be non-empty and shorter than 128 chars)"
         )
 
 
@@ -76,6 +89,10 @@ class WorkerInfo:
 
     As torch's: read-only ``name`` and ``id``, equal when both are, hashed by ``id``, not
     ordered, and usable as the destination of a call.
+
+    Raises:
+        TypeError: ``name`` is not a str, or ``id`` not an int.
+        WorkerNameError: ``name`` is not a valid worker name (see ``check_worker_name``).
     """
 
     __slots__ = ("_id", "_name")
@@ -85,6 +102,7 @@ class WorkerInfo:
             raise TypeError(f"WorkerInfo name must be a str, got {type(name).__qualname__}")
         if isinstance(id, bool) or not isinstance(id, int):
             raise TypeError(f"WorkerInfo id must be an int, got {type(id).__qualname__}")
+        _check_name_text(name)
         self._name = name
         self._id = id
 
@@ -111,6 +129,15 @@ class WorkerInfo:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (WorkerInfo, (self._name, self._id))
+
+
+def destination_type_error(to: object) -> DestinationTypeError:
+    """The error for a call's destination that is not a worker name, rank or WorkerInfo."""
+    shown = "None" if to is None else f"{to!r} ({type_name(to)})"
+    return DestinationTypeError(
+        f"cannot get a WorkerInfo from {shown}: the destination must be a worker name (str), "
+        "rank (int) or WorkerInfo"
+    )
 
 
 @dataclasses.dataclass
@@ -152,6 +179,14 @@ class RpcBackendOptions:
             so it must stay empty.
         devices: accepted for compatibility with torch; it must stay empty, as
             ``device_maps``.
+        _transports: torch's TensorPipe transports, accepted so that torch scripts run
+            unchanged.  A list without ``"shm"`` or ``"ibv"`` (``["uv"]``: TCP only) makes
+            the workers use TCP, as ``same_host_ipc=False`` does; ``"uv"`` and ``"shm"`` are
+            what thenable has anyway.  Other names (``"ibv"``: InfiniBand) are ignored, with
+            one log line on the ``thenable.rpc`` logger.
+        _channels: torch's TensorPipe channels (``["basic"]``, ``["cma"]``...): ignored,
+            with that log line; thenable has none (payloads travel in its own frames, through
+            shared memory between workers on one host).
     """
 
     init_method: str = DEFAULT_INIT_METHOD
@@ -165,6 +200,8 @@ class RpcBackendOptions:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     device_maps: dict[str, Any] = dataclasses.field(default_factory=dict)
     devices: list[Any] = dataclasses.field(default_factory=list)
+    _transports: list[str] | None = None
+    _channels: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.init_method, str) or not self.init_method.startswith(
@@ -218,6 +255,43 @@ class RpcBackendOptions:
                 "device_maps/devices: sending CUDA tensors over RPC is not supported yet; move "
                 "tensors to CPU before sending them"
             )
+        self._apply_tensorpipe_options()
+
+    def _apply_tensorpipe_options(self) -> None:
+        """torch's ``_transports``/``_channels``: map what means something here, and log what
+        is ignored (in one line)."""
+        transports = _names_or_none(self._transports, "_transports")
+        channels = _names_or_none(self._channels, "_channels")
+        ignored = []
+        if transports is not None:
+            if not {"shm", "ibv"} & set(transports):
+                self.same_host_ipc = False  # TCP only, as torch's transports say
+            others = [name for name in transports if name not in _TRANSPORTS_KEPT]
+            if others:
+                ignored.append(
+                    f"_transports {others!r} (thenable's are TCP, torch's 'uv', and same-host "
+                    "shared memory, torch's 'shm')"
+                )
+        if channels is not None:
+            ignored.append(
+                f"_channels={channels!r} (thenable has no TensorPipe channels: payloads travel "
+                "in its own frames)"
+            )
+        if ignored:
+            _LOGGER.info("RpcBackendOptions: ignored %s", "; ".join(ignored))
+
+
+# torch's TensorPipe transports that thenable has: TCP and same-host shared memory.
+_TRANSPORTS_KEPT = frozenset({"uv", "shm"})
+
+
+def _names_or_none(value: object, option: str) -> list[str] | None:
+    """A list of TensorPipe names (``_transports``, ``_channels``), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{option} must be a list of str (or None), got {value!r}")
+    return list(value)
 
 
 def resolve_auth_key(options: RpcBackendOptions, env: Mapping[str, str]) -> bytes | None:

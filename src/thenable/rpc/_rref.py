@@ -436,8 +436,8 @@ class RRef(Generic[T]):
         except TimeoutError:
             if value.done():
                 raise  # the creation itself failed with a TimeoutError
-            raise RpcTimeoutError(
-                f"the value of {self!r} was still being created after {seconds} s"
+            raise RpcTimeoutError.after_timeout(
+                f"the value of {self!r} was still being created after {seconds} s", seconds
             ) from None
 
     def to_here(self, timeout: float = -1.0) -> T:

@@ -6,6 +6,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from thenable._aio import from_torch, is_torch_future
 from thenable._future import Future
 from thenable.rpc._errors import AsyncExecutionError
 
@@ -55,6 +56,8 @@ def check_async_result(fn: object, result: object) -> Future[Any]:
     """
     if isinstance(result, Future):
         return result
+    if is_torch_future(result):  # a torch.futures.Future, as torch's own functions return
+        return from_torch(result)
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     raise AsyncExecutionError(
         "Functions decorated with @rpc.async_function must return a torch.futures.Future "
