@@ -36,6 +36,19 @@ def test_train_pipeline_learns() -> None:
     _assert_trained(lines, margin=0.5)
 
 
+def test_train_pipeline_checkpoint_learns_with_local_gradients() -> None:
+    """Checkpointed stages (a deque shared by a recompute and a checkpoint Function) whose two
+    outputs' gradients reach the trunk by two ways: its Checkpoint node runs once, with their
+    sum, so the gradients equal the local model's and each micro-batch is recomputed once."""
+    lines = _launch("train_pipeline_checkpoint.py", "--steps", "15", workers=3)
+    assert len(_losses(lines, r"\[0\] step \d+: loss (\d+\.\d+)")) == 15, lines
+    assert not any("check failed" in line for line in lines), lines
+    assert "[0] checks passed: gradients equal the local model's, one recompute each" in lines, (
+        lines
+    )
+    _assert_trained(lines, margin=0.5)
+
+
 def test_train_rnn_learns() -> None:
     """Embedding and decoder on the parameter server, the LSTM local."""
     lines = _launch("train_rnn.py", "--epochs", "6", workers=2)

@@ -120,6 +120,39 @@ def check_a_node_waiting_for_a_message_lets_the_rest_run() -> dict[str, Any]:
         return _pass_runs(cid, x, [out.sum()])
 
 
+_WEIGHT = torch.full((2,), 0.5, requires_grad=True)  # worker1's own leaf
+
+
+def weight_gradient(cid: int) -> torch.Tensor | None:
+    return dist_autograd.get_gradients(cid).get(_WEIGHT)
+
+
+def _use_weight_around_a_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """On worker1: y = w * x goes to worker2 and back; the result uses y and w again."""
+    y = _WEIGHT * x
+    back = rpc.rpc_sync("worker2", double, args=(y,))
+    return y * back + _WEIGHT
+
+
+def check_weight_used_around_a_round_trip() -> dict[str, Any]:
+    """worker1's weight feeds what it sends to worker2 and what it sends back here: its node
+    waits for worker2's gradient while worker2 waits for what that node would send it, a cycle
+    torch's engine avoids and ours breaks by forcing the pass (the gradients stay right)."""
+    x = torch.full((2,), 3.0, requires_grad=True)
+    with dist_autograd.context() as cid:
+        out = rpc.rpc_sync("worker1", _use_weight_around_a_round_trip, args=(x,))
+        dist_autograd.backward(cid, [out.sum()])
+        got = {
+            "x": dist_autograd.get_gradients(cid).get(x),
+            "w": rpc.rpc_sync("worker1", weight_gradient, args=(cid,)),
+        }
+    w, local_x = _WEIGHT.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y = w * local_x
+    torch.autograd.backward((y * (y * 2) + w).sum())
+    got["expected"] = {"x": local_x.grad, "w": w.grad}
+    return got
+
+
 # -- user code that makes calls of its own, reached by every path ------------------------------
 
 

@@ -35,6 +35,23 @@ def async_returns_an_int() -> int:
     return 3
 
 
+@async_execution
+def async_returns_a_torch_future(value: int) -> Any:
+    """torch's own futures are what torch programs return from @async_execution functions."""
+    future: torch.futures.Future[int] = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def check_async_torch_future() -> list[Any]:
+    return [
+        rpc.rpc_sync("worker1", async_returns_a_torch_future, args=(5,)),
+        rpc.rpc_async("worker1", async_returns_a_torch_future, args=(6,)).wait(),
+        rpc.remote("worker1", async_returns_a_torch_future, args=(7,)).to_here(),
+        rpc.remote("worker0", async_returns_a_torch_future, args=(8,)).to_here(),
+    ]
+
+
 class Holder:
     """A value with one method and one callable attribute of the instance only."""
 

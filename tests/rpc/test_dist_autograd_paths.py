@@ -52,6 +52,12 @@ def test_a_node_waits_for_every_gradient_that_will_come(
     torch.testing.assert_close(out["grad"], torch.tensor(runs[0]))
 
 
+def test_a_cycle_of_waiting_workers_is_forced_and_the_gradients_stay_right(group: Group) -> None:
+    out = group.call(0, paths.check_weight_used_around_a_round_trip)
+    torch.testing.assert_close(out["x"], out["expected"]["x"])
+    torch.testing.assert_close(out["w"], out["expected"]["w"])
+
+
 def _assert_gradients(got: dict[str, tuple[Any, Any]]) -> None:
     for path, (grad, expected) in got.items():
         assert grad is not None, f"{path}: no gradient came back"

@@ -62,3 +62,7 @@ def test_backward_of_an_rref_holding_no_tensor_raises_torch_error(group: Group) 
     for failure in out.values():
         assert "builtins.RuntimeError" in failure.bases
         assert "RRef should contain a tensor for .backward()" in failure.message, failure.message
+
+
+def test_async_execution_may_return_a_torch_future(group: Group) -> None:
+    assert group.call(0, fns.check_async_torch_future) == [5, 6, 7, 8]

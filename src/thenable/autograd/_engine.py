@@ -14,8 +14,9 @@ never came: the forward pass sent a tensor that the loss does not use), the call
 received messages that will get no gradient (``_dead``), and what waited for them runs with what
 did arrive.  torch's engine waits for those gradients forever.  Whether a worker holds is told as
 of the end of each of its parts, so a wave that ends with "held" may be stale (another worker's
-declaration released it later): a second wave, with nothing left in flight, tells for sure, and
-gradients still held then fail the pass.
+declaration released it later): a second wave, with nothing left in flight, tells for sure.
+Gradients still held then wait in a cycle (see ``_pass``): a third wave forces the pass, and
+the worker that started it logs a warning.
 
 The engine runs as ``torch.autograd.backward`` into the leaves' ``.grad`` (borrowed, see
 ``_grad_field``), not as ``torch.autograd.grad``: only then does torch run the leaves' hooks, which
@@ -29,6 +30,7 @@ gradients travel.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ("BackwardError", "check_roots", "rref_backward", "run_backward")
 
-_WAVES = 2  # resolve waves at most: the second tells for sure (see the module docstring)
+_FORCED = 3  # the resolve wave that forces the pass (see the module docstring)
+_LOGGER = logging.getLogger("thenable.autograd")
 
 
 def check_roots(roots: object) -> list[Any]:
@@ -108,14 +111,23 @@ def _pass_from(agent: Agent, context: DistAutogradContext, seeds: Seeds) -> Futu
             result.set_exception(wave._exception)
         elif not wave._result:
             result.set_result(None)
-        elif number == _WAVES:  # (the declarations settle every message: see _pass)
+        elif number == _FORCED:  # (forced, nothing waits: see _pass)
             result.set_exception(
                 BackwardError(
                     f"Error on Node {agent.rank}: gradients of autograd context {context._id} "
-                    "still wait for messages after every worker declared what will not come"
+                    "still wait for messages after the pass was forced"
                 )
             )
         else:
+            if number + 1 == _FORCED:
+                _LOGGER.warning(
+                    "the backward pass of autograd context %d waited in a cycle: nodes held "
+                    "back for gradients that other workers could only send after them; they "
+                    "run now with the gradients they have, and again for any that come later "
+                    "(the gradients are right; backward functions reached that way may run "
+                    "more than once)",
+                    context._id,
+                )
             _resolve_from(agent, context, pass_id, number + 1, None).add_done_callback(
                 functools.partial(after, number=number + 1)
             )
@@ -206,7 +218,7 @@ def _resolve_from(
         ]
     finally:
         _contexts.set_current_id(previous)
-    calls.append(_event(agent, context, pass_id, resolving=True))
+    calls.append(_event(agent, context, pass_id, resolving=True, forced=wave == _FORCED))
     return _all_done(calls)
 
 

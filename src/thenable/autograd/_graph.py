@@ -13,7 +13,7 @@ from typing import Any
 
 from thenable.autograd._torch import torch
 
-__all__ = ("Blocked", "Region", "frontier", "leaf_of", "node_of", "walk")
+__all__ = ("Blocked", "Region", "frontier", "leaf_of", "node_of", "unsafe_feeders", "walk")
 
 Region = dict[int, Any]
 """Nodes by ``id()``."""
@@ -45,6 +45,13 @@ class Blocked:
             id(leaf) for leaf in map(leaf_of, self.nodes.values()) if leaf is not None
         )
         self._tensors = tensors  # (their ids stay theirs)
+
+    def extend(self, nodes: Iterable[Any]) -> None:
+        """Hold ``nodes`` too, and what they reach."""
+        self.nodes.update(walk(nodes))
+        self.leaves.update(
+            id(leaf) for leaf in map(leaf_of, self.nodes.values()) if leaf is not None
+        )
 
     def __bool__(self) -> bool:
         return bool(self.nodes) or bool(self.leaves)
@@ -84,3 +91,24 @@ def frontier(region: Region, blocked: Blocked) -> list[Any]:
             if child is not None and blocked.holds_node(child):
                 edges.setdefault((id(child), slot), torch.autograd.graph.GradientEdge(child, slot))
     return list(edges.values())
+
+
+def unsafe_feeders(region: Region, edges: list[Any]) -> list[Any]:
+    """The nodes of ``region`` with an edge into a node that another edge's node reaches.
+
+    A run asked for the gradient at such an edge would run the node above it to compute it
+    (torch's engine captures a node's input whole, from every path), so those feeders must
+    wait too.
+    """
+    targets = {id(edge.node) for edge in edges}
+    below = walk(
+        child for edge in edges for child, _ in edge.node.next_functions if child is not None
+    )
+    unsafe = targets & below.keys()
+    if not unsafe:
+        return []
+    return [
+        node
+        for node in region.values()
+        if any(child is not None and id(child) in unsafe for child, _ in node.next_functions)
+    ]

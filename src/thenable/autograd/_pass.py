@@ -6,19 +6,24 @@ gradient for it that will arrive has arrived: so while a message this worker sen
 its gradients back (it is *pending*), the nodes its tensors reach (the *blocked* region) do not
 run.  A run from the gradients that did arrive stops at the edges into blocked nodes and keeps
 the gradients that reached them (*held*), with the gradients of this worker's own leaves, until
-the messages they wait for are settled; gradients of received tensors outside the blocked region
-are final, and go back to their senders at once (waiting with them could deadlock a pass that
-crosses a worker twice).  While nothing is pending, a run is one ``torch.autograd.backward``
-into the leaves, as it always was.
+the messages they wait for are settled.  (torch's engine captures a node's input from every path
+at once: where one stopping edge's node lies below another's, the nodes feeding it wait too.)
+Gradients of a received message none of whose tensors is blocked are final and go back to its
+sender at once (waiting with them could deadlock a pass that crosses a worker twice); the others
+go back when the message's last tensor is final: a message's gradients go back once, as torch's
+receiving node runs once.  While nothing is pending, a run is one ``torch.autograd.backward``
+into the leaves.
 
 A pending message is settled when its gradients arrive, or when its receiver declares that they
 never will (*dead*: no gradient reached those tensors, and none of what the receiver still waits
 for reaches them).  Receivers declare only once the pass is *resolving*, which the worker that
 started the pass sets everywhere when its first wave of gradients is done and some worker said
 it still held gradients then (see ``_engine``): torch's engine would wait for those gradients
-forever; ours runs what they held back with what did arrive.  Because every message was sent
-after the ones it was computed from, what each worker waits for never forms a cycle, and the
-declarations settle everything.
+forever; ours runs what they held back with what did arrive.  Every message was sent after the
+ones it was computed from, so the messages alone never wait in a cycle; nodes that wait as
+feeders can (a worker's weight used before and after a round trip through other workers), and
+for that last case the pass is *forced*: every worker runs what it holds with what it has, and
+gradients that come later run their nodes again (the sums at the leaves stay right).
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 from thenable import _recorder
 from thenable.autograd import _grad_field
-from thenable.autograd._graph import Blocked, Region, frontier, leaf_of, node_of, walk
+from thenable.autograd._graph import (
+    Blocked,
+    Region,
+    frontier,
+    leaf_of,
+    node_of,
+    unsafe_feeders,
+    walk,
+)
 from thenable.autograd._torch import torch
 
 if TYPE_CHECKING:
@@ -51,7 +64,7 @@ class Event:
     declared dead, the start of resolving.  ``done``: when it and what it caused are done; its
     value says whether a worker still held gradients then."""
 
-    __slots__ = ("arrived", "dead", "done", "resolving", "seeds")
+    __slots__ = ("arrived", "dead", "done", "forced", "resolving", "seeds")
 
     def __init__(
         self,
@@ -60,12 +73,14 @@ class Event:
         arrived: tuple[int, ...] | list[int] = (),
         dead: tuple[int, ...] | list[int] = (),
         resolving: bool = False,
+        forced: bool = False,
     ) -> None:
         self.done = done
         self.seeds = [(target, grad) for target, grad in seeds if grad is not None]
         self.arrived = arrived
         self.dead = dead
         self.resolving = resolving
+        self.forced = forced
 
 
 class PassState:
@@ -84,6 +99,7 @@ class PassState:
         self.declared: set[int] = set()  # received messages declared dead to their senders
         self.held: dict[tuple[int, int], tuple[Any, Any]] = {}  # -> (edge or leaf, grad)
         self.resolving = False
+        self.forced = False  # every sent message counts as settled (see the module docstring)
 
     def enqueue(self, event: Event) -> bool:
         """Queue ``event``; True if the caller must run the queue (``take`` until None)."""
@@ -150,20 +166,29 @@ def advance(rank: int, context: DistAutogradContext, state: PassState, batch: li
         state.arrived.update(event.arrived)
         state.dead.update(event.dead)
         state.resolving = state.resolving or event.resolving
+        state.forced = state.forced or event.forced
     seeds.extend(state.held.values())
     state.held.clear()
     settled = state.arrived | state.dead
     blocked = Blocked(
         tensor
         for message_id, tensors in context._send_functions().items()
-        if message_id not in settled
+        if message_id not in settled and not state.forced
         for tensor in tensors
     )
     step = Step()
     if seeds:
-        for message_id, (sender, grads) in context.route(
-            _run(rank, state, context, seeds, blocked)
-        ).items():
+        outgoing = context.route(_run(rank, state, context, seeds, blocked))
+        received = context._recv_messages() if outgoing and blocked.leaves else {}
+        for message_id, (sender, grads) in outgoing.items():
+            tensors = received[message_id][1] if received else ()
+            if any(id(tensor) in blocked.leaves for tensor in tensors):
+                # Others of its tensors still wait here: the message's gradients go back whole,
+                # once (its sender's nodes would run twice else).
+                for tensor, grad in zip(tensors, grads, strict=True):
+                    if grad is not None:
+                        state.hold(tensor, grad)
+                continue
             state.given.add(message_id)
             step.gradients.setdefault(sender, {})[message_id] = grads
     if state.resolving:
@@ -176,18 +201,23 @@ def _run(
     rank: int, state: PassState, context: DistAutogradContext, seeds: Seeds, blocked: Blocked
 ) -> list[tuple[Any, Any]]:
     """Run from ``seeds`` up to ``blocked``; the (leaf, gradient) pairs that are final."""
-    if blocked:
-        runnable: Seeds = []
-        for target, grad in seeds:
-            if blocked.holds(target):
-                state.hold(target if node_of(target) is None else _edge_of(target), grad)
-            else:
-                runnable.append((target, grad))
-        seeds = runnable
+    while True:
+        if blocked:
+            runnable: Seeds = []
+            for target, grad in seeds:
+                if blocked.holds(target):
+                    state.hold(target if node_of(target) is None else _edge_of(target), grad)
+                else:
+                    runnable.append((target, grad))
+            seeds = runnable
         if not seeds:
             return []
-    region = walk((node_of(target) for target, _ in seeds), stop=blocked)
-    edges = frontier(region, blocked) if blocked else []
+        region = walk((node_of(target) for target, _ in seeds), stop=blocked)
+        edges = frontier(region, blocked) if blocked else []
+        feeders = unsafe_feeders(region, edges)
+        if not feeders:
+            break
+        blocked.extend(feeders)
     start = _recorder.now() if _recorder.recording else 0
     try:
         if edges:

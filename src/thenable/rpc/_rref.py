@@ -805,7 +805,8 @@ def _invoke(
     rref: RRef[Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Future[Any]:
     """On the owner: call ``value.name(*args, **kwargs)`` once the value exists (in the
-    caller's autograd context, also when that is after this handler has returned)."""
+    caller's autograd context, also when that is after this handler has returned; calls that
+    waited run concurrently, as handlers do, so one may wait for another)."""
     agent = rref._agent
     carried = _extensions.carried(agent)
     result: Future[Any] = Future()
@@ -823,7 +824,11 @@ def _invoke(
             return
         _produce(result, method, args, kwargs, carried, agent)
 
-    _owners(agent).value_future(rref._id).add_done_callback(call)
+    value = _owners(agent).value_future(rref._id)
+    if value.done():
+        call(value)
+    else:  # each call waiting for the value runs on a thread of its own once it exists
+        value.add_done_callback(lambda done: agent.pool.submit(call, done))
     return result
 
 
