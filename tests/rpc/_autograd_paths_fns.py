@@ -120,6 +120,21 @@ def check_a_node_waiting_for_a_message_lets_the_rest_run() -> dict[str, Any]:
         return _pass_runs(cid, x, [out.sum()])
 
 
+def counted_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = counted(x)
+    return y * 2, y * 3
+
+
+def check_one_message_whose_tensors_return_at_different_times() -> dict[str, Any]:
+    """worker1 replies (a, b) in one message; b's gradient is ready here at once, a's comes
+    back from worker2 later: the message's gradients go back to worker1 once, together."""
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        a, b = rpc.rpc_sync("worker1", counted_pair, args=(x,))
+        doubled = rpc.rpc_sync("worker2", double, args=(a,))
+        return _pass_runs(cid, x, [(b + doubled).sum()])
+
+
 _WEIGHT = torch.full((2,), 0.5, requires_grad=True)  # worker1's own leaf
 
 

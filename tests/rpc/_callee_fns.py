@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from _harness import failure_of
-from _remote_fns import WAIT_S
+from _remote_fns import WAIT_S, open_gate, wait_for_gate
 
 import thenable.autograd as dist_autograd
 from thenable import rpc
@@ -50,6 +51,36 @@ def check_async_torch_future() -> list[Any]:
         rpc.remote("worker1", async_returns_a_torch_future, args=(7,)).to_here(),
         rpc.remote("worker0", async_returns_a_torch_future, args=(8,)).to_here(),
     ]
+
+
+class Rendezvous:
+    """Two methods that meet: ``wait`` returns once ``arrive`` has run (or after WAIT_S)."""
+
+    def __init__(self) -> None:
+        self._arrived = threading.Event()
+
+    def wait(self) -> bool:
+        return self._arrived.wait(WAIT_S)
+
+    def arrive(self) -> None:
+        self._arrived.set()
+
+
+def gated_rendezvous(tag: str) -> Rendezvous:
+    wait_for_gate(tag)
+    return Rendezvous()
+
+
+def check_proxy_calls_waiting_for_the_value_run_concurrently(owner: str) -> bool:
+    """Two proxy calls reach the owner while the value is being made; the first waits for the
+    second: they must not run one after the other in one thread."""
+    tag = f"rendezvous-{owner}"
+    rref = rpc.remote(owner, gated_rendezvous, args=(tag,))
+    waiting = rref.rpc_async().wait()
+    arriving = rref.rpc_async().arrive()
+    rpc.rpc_sync(owner, open_gate, args=(tag,))
+    arriving.wait(WAIT_S)
+    return bool(waiting.wait(WAIT_S))
 
 
 class Holder:

@@ -42,6 +42,7 @@ def test_a_node_reached_by_several_messages_runs_once_with_their_sum(
         (paths.check_messages_from_two_workers_run_a_node_once, [[5.0, 5.0]]),
         (paths.check_unused_message_does_not_hold_a_shared_node_forever, [[3.0, 3.0]]),
         (paths.check_a_node_waiting_for_a_message_lets_the_rest_run, [[4.0, 4.0]]),
+        (paths.check_one_message_whose_tensors_return_at_different_times, [[7.0, 7.0]]),
     ],
 )
 def test_a_node_waits_for_every_gradient_that_will_come(

@@ -66,3 +66,8 @@ def test_backward_of_an_rref_holding_no_tensor_raises_torch_error(group: Group) 
 
 def test_async_execution_may_return_a_torch_future(group: Group) -> None:
     assert group.call(0, fns.check_async_torch_future) == [5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("owner", ["worker1", "worker0"])
+def test_proxy_calls_waiting_for_their_value_run_concurrently(group: Group, owner: str) -> None:
+    assert group.call(0, fns.check_proxy_calls_waiting_for_the_value_run_concurrently, owner)
