@@ -386,7 +386,10 @@ class Future(Generic[T]):
             TypeError: ``callback`` is not callable.
         """
         if not callable(callback):
-            raise TypeError(f"add_done_callback() needs a callable, got {_short_repr(callback)}")
+            raise TypeError(
+                "incompatible function arguments: add_done_callback() needs a callable, got "
+                f"{_short_repr(callback)}"
+            )
         self._register(callback)
 
     def _register(self, entry: _Entry) -> None:
@@ -421,7 +424,10 @@ class Future(Generic[T]):
             TypeError: ``callback`` is not callable.
         """
         if not callable(callback):
-            raise TypeError(f"then() needs a callable, got {_short_repr(callback)}")
+            raise TypeError(
+                f"incompatible function arguments: then() needs a callable, got "
+                f"{_short_repr(callback)}"
+            )
         # The child is built and registered here, not through __init__ and _register: this is
         # the hot path of building every then() chain, and each Python call level costs.
         child: Future[S] = _new_object(Future)

@@ -132,6 +132,9 @@ def gather_misuse() -> dict[str, Any]:
     return {
         "not-in-names": failure_of(rpc.api._all_gather, 1, ["worker1", "worker2"]),
         "unknown-name": failure_of(rpc.api._all_gather, 1, ["worker0", "nobody"]),
+        # worker2 joins this set's gather only after worker0's call timed out (the test then
+        # has it join, so that the leader's pending gather ends).
+        "timeout": failure_of(rpc.api._all_gather, 1, ["worker0", "worker2"], timeout=0.1),
     }
 
 

@@ -195,6 +195,16 @@ def test_bad_backend_options_are_refused_naming_the_option(
     assert fragment in str(info.value)
 
 
+def test_options_of_another_class_are_refused_in_torch_s_words() -> None:
+    class OtherOptions:
+        init_method = "env://"
+
+    with pytest.raises(TypeError, match=r"^Could not infer backend for options .*OtherOptions"):
+        rpc.init_rpc("worker0", rank=0, world_size=1, rpc_backend_options=OtherOptions())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="init_rpc"):  # nothing was started
+        rpc.get_worker_info()
+
+
 @pytest.mark.parametrize(
     ("transports", "same_host_ipc"),
     [(["uv"], False), ([], False), (["shm", "uv"], True), (["ibv", "uv"], True), (None, True)],

@@ -56,6 +56,7 @@ def test_failures_are_catchable_as_torch_raises_them(group: Group) -> None:
         "No module named 'only_on_worker0'",
     )
     _is(out["not-recreatable"], rpc.RemoteError, "TwoArgError")
+    _is(out["not-recreatable"], rpc.RemoteError, "Original exception on remote side was")
     _is(out["timeout"], rpc.RpcTimeoutError, "timed out after 0.2 s", torch=TimeoutError)
     # torch's test fixture matches its timeouts with get_timeout_error_regex(): this phrase.
     _is(out["timeout"], rpc.RpcTimeoutError, "RPC ran for more than set timeout (200 ms)")
@@ -106,6 +107,14 @@ def test_rpc_api_all_gather_and_barriers(group: Group) -> None:
     misuse = group.call(0, compat.gather_misuse)
     assert misuse["not-in-names"].type_name == "builtins.ValueError"
     _is(misuse["unknown-name"], rpc.UnknownWorkerError, "'nobody'")
+    _is(
+        misuse["timeout"],
+        rpc.RpcTimeoutError,
+        "RPC ran for more than set timeout (100 ms)",
+        "timed out in _all_gather after 0.10 seconds",
+    )
+    late = group.call(2, compat.gather, "late", ["worker0", "worker2"], 1)
+    assert late == [{"worker0": 1, "worker2": ("late", 0)}]
 
 
 # -- without workers -----------------------------------------------------------------------------

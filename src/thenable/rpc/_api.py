@@ -92,8 +92,9 @@ def init_rpc(
     options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
     if not isinstance(options, RpcBackendOptions):
         raise TypeError(
-            f"rpc_backend_options must be thenable.rpc.RpcBackendOptions, got "
-            f"{type(options).__qualname__}"
+            f"Could not infer backend for options {options!r}: rpc_backend_options must be "
+            f"thenable.rpc.RpcBackendOptions (= TensorPipeRpcBackendOptions), got "
+            f"{type(options).__module__}.{type(options).__qualname__}"
         )
     rank, world_size = resolve_rank_and_world_size(rank, world_size)
     key = resolve_auth_key(options, os.environ)

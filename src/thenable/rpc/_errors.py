@@ -121,6 +121,9 @@ class RemoteError(RpcError):
 
     def __str__(self) -> str:
         text = f"{self.type_name}: {self.message}" if self.message else self.type_name
-        if self.reason:
-            text += f" (the exception itself could not be transferred: {self.reason})"
+        if self.reason:  # (torch's words, which its tests match)
+            text += (
+                f" (Original exception on remote side was {self.type_name}; the exception itself "
+                f"could not be transferred: {self.reason})"
+            )
         return text

@@ -24,6 +24,7 @@ from thenable.rpc._api import (
     rpc_sync,
     shutdown,
 )
+from thenable.rpc._errors import RpcTimeoutError
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc._rref import RRef, agent_timeout
 from thenable.rpc.functions import async_execution
@@ -199,7 +200,12 @@ def _all_gather(
     done = agent.call(
         leader, _gather_at_leader, (names, sequence, agent.name, obj), {}, seconds, counted=False
     )
-    result: dict[str, Any] = done.wait()
+    try:
+        result: dict[str, Any] = done.wait()
+    except RpcTimeoutError as exc:  # (torch's words, which its tests match)
+        raise RpcTimeoutError(
+            f"{exc}; timed out in _all_gather after {seconds:.2f} seconds"
+        ) from exc
     return result
 
 
