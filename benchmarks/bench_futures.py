@@ -25,6 +25,13 @@ as a user would write it, what is timed included:
                                                                     <= 1.0 vs TorchScript
 8. parallel speedup of 4 forked GIL-releasing tasks                 >= 1.8 (serial / forked,
                                                                     median of the rounds)
+9. ``fork`` + ``wait`` of a no-op under ``torch.no_grad()`` (the state is carried to the task
+   and re-entered there) against op 6 in the default state            info
+10. what it costs ``fork`` to look at the forking thread's state: ``fork`` + ``wait`` of a
+    no-op (op 6) in child processes of their own, one that never imports torch and one that
+    does (``fork`` then asks torch a few questions), against each other and, with
+    ``--fork-baseline SRC``, against the same two children running the thenable found in SRC
+    (say, a scratch copy of an earlier commit's ``src``)               info
 
 Rows without a target are for information.  torch is imported lazily; without it the torch rows
 say so and the others still run.
@@ -35,6 +42,8 @@ Usage::
     python benchmarks/bench_futures.py --quick    # smoke run, under 20 seconds
     python benchmarks/bench_futures.py --rounds 41
     python benchmarks/bench_futures.py --watchdog 0   # no time limit (default: dump stacks, exit)
+    python benchmarks/bench_futures.py --fork-baseline /tmp/old/src   # op 10 against that copy
+    python benchmarks/bench_futures.py --clock cpu   # CPU time, for a machine others load
 
 The load average is printed before and after: above the CPU count, other processes competed
 for the CPUs and the parallel speedups in particular are not meaningful.
@@ -51,6 +60,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -71,7 +81,10 @@ SLEEP_S = 0.05
 SORT_TARGET_S = 0.075  # one numpy sort task should take about this long
 MAX_UNITS = 200_000  # cap on pre-created futures per sample
 
+# The clock of ops 1-7, 9 and 10 (--clock cpu: the process's CPU time, all threads); op 8, a
+# parallel speedup, is always timed by the wall clock.
 perf_ns = time.perf_counter_ns
+wall_ns = time.perf_counter_ns
 
 
 # -- contenders and results --------------------------------------------------------------------
@@ -377,6 +390,80 @@ def fan_out(x: Tensor, n: int) -> Tensor:
     return run
 
 
+# -- op 9: fork + wait under torch.no_grad() -----------------------------------------------------
+
+
+def _thenable_fork_wait_no_grad(torch: Any) -> Runner:
+    def run(n: int) -> tuple[int, int]:
+        with torch.no_grad():
+            return _thenable_fork_wait(n)
+
+    return run
+
+
+# -- op 10: fork + wait in child processes, with and without torch imported -------------------
+
+
+class _ChildForkWait:
+    """A child process that runs op 6's thenable sample on request, so that processes which
+    never import torch, or import another thenable, take part in the interleaved rounds.
+
+    The child (this script, ``--fork-cost-child``) imports torch or not, then answers each line
+    ``n`` on its stdin with ``elapsed_ns units``; it idles between requests, so only one process
+    runs at a time.
+    """
+
+    def __init__(self, *, with_torch: bool, src: str | None, gc_off: bool, clock: str) -> None:
+        env = dict(os.environ)
+        if src is not None:  # that thenable, ahead of the installed one
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+        command = [sys.executable, os.path.abspath(__file__), "--fork-cost-child"]
+        command += ["torch" if with_torch else "plain", "--clock", clock]
+        if gc_off:
+            command.append("--no-gc")
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.origin = self._readline()  # where the child's thenable was imported from
+
+    def _readline(self) -> str:
+        assert self._process.stdout is not None
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork-cost child exited ({self._process.wait()})")
+        return line.strip()
+
+    def __call__(self, n: int) -> tuple[int, int]:
+        assert self._process.stdin is not None
+        self._process.stdin.write(f"{n}\n")
+        self._process.stdin.flush()
+        elapsed, units = self._readline().split()
+        return int(elapsed), int(units)
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _fork_cost_child(mode: str, gc_off: bool) -> int:
+    """The child's side of _ChildForkWait."""
+    if mode == "torch":
+        import torch  # noqa: F401  (imported, so that fork has torch's state to look at)
+    _thenable_fork_wait(1000)  # start the pool's threads
+    gc.collect()
+    gc.freeze()
+    print(thenable.__file__, flush=True)
+    for line in sys.stdin:
+        elapsed, units = _timed(_thenable_fork_wait, int(line), gc_off)
+        print(elapsed, units, flush=True)
+    return 0
+
+
 # -- op 8: parallel speedup ---------------------------------------------------------------------
 
 
@@ -433,24 +520,24 @@ def _parallel_runners(
     """Each runner runs PARALLEL_TASKS copies of a task and returns the elapsed ns."""
 
     def serial(task: Callable[[int], None]) -> int:
-        t0 = perf_ns()
+        t0 = wall_ns()
         for i in range(PARALLEL_TASKS):
             task(i)
-        return perf_ns() - t0
+        return wall_ns() - t0
 
     def thenable_fork(task: Callable[[int], None]) -> int:
-        t0 = perf_ns()
+        t0 = wall_ns()
         futures = [thenable.fork(task, i) for i in range(PARALLEL_TASKS)]
         for f in futures:
             thenable.wait(f)
-        return perf_ns() - t0
+        return wall_ns() - t0
 
     def executor_submit(task: Callable[[int], None]) -> int:
-        t0 = perf_ns()
+        t0 = wall_ns()
         futures = [executor.submit(task, i) for i in range(PARALLEL_TASKS)]
         for f in futures:
             f.result()
-        return perf_ns() - t0
+        return wall_ns() - t0
 
     runners: dict[str, Callable[[Callable[[int], None]], int]] = {
         "serial": serial,
@@ -460,11 +547,11 @@ def _parallel_runners(
     if torch is not None:
 
         def torch_eager_fork(task: Callable[[int], None]) -> int:
-            t0 = perf_ns()
+            t0 = wall_ns()
             futures = [torch.jit.fork(task, i) for i in range(PARALLEL_TASKS)]
             for f in futures:
                 torch.jit.wait(f)
-            return perf_ns() - t0
+            return wall_ns() - t0
 
         runners["torch.jit.fork (eager)"] = torch_eager_fork
     return runners
@@ -479,6 +566,49 @@ def _import_torch() -> Any | None:
     except ImportError:
         return None
     return torch
+
+
+def _fork_cost_ops(
+    torch: Any | None,
+    baseline: str | None,
+    gc_off: bool,
+    clock: str,
+    children: list[_ChildForkWait],
+) -> list[OpBench]:
+    """Op 10, a row without torch and one with it: their contenders are child processes (started
+    here, closed by the caller), this thenable's against the baseline's."""
+
+    def child(with_torch: bool, src: str | None) -> _ChildForkWait:
+        runner = _ChildForkWait(with_torch=with_torch, src=src, gc_off=gc_off, clock=clock)
+        children.append(runner)
+        return runner
+
+    def peer(name: str, runner: _ChildForkWait | None) -> Peer:
+        if runner is None:
+            return Peer(None, None, name=name, missing="no --fork-baseline")
+        return Peer(Contender(name, runner), None, name=name)
+
+    plain = child(False, None)
+    old_plain = child(False, baseline) if baseline is not None else None
+    ops = [
+        OpBench(
+            "10. fork+wait no-op, child, no torch",
+            "call",
+            Contender("thenable", plain),
+            [peer("baseline", old_plain)],
+        )
+    ]
+    if torch is not None:
+        old_torch = child(True, baseline) if baseline is not None else None
+        ops.append(
+            OpBench(
+                "10. fork+wait no-op, child, torch imported",
+                "call",
+                Contender("thenable", child(True, None)),
+                [peer("baseline", old_torch), peer("thenable, no torch", plain)],
+            )
+        )
+    return ops
 
 
 def _build_ops(
@@ -563,6 +693,19 @@ def _build_ops(
             "task",
             Contender("thenable", _thenable_fan_out),
             [torch_peer("TorchScript fork", lambda: _torchscript_fan_out(torch), 1.0)],
+        ),
+        OpBench(
+            "9. fork+wait no-op under no_grad",
+            "call",
+            Contender(
+                "thenable",
+                _thenable_fork_wait_no_grad(torch) if torch is not None else _thenable_fork_wait,
+            ),
+            [
+                plain_peer("thenable, default state", _thenable_fork_wait, None)
+                if torch is not None
+                else Peer(None, None, name="thenable, default state", missing=no_torch)
+            ],
         ),
     ]
 
@@ -760,6 +903,22 @@ def main(argv: list[str] | None = None) -> int:
         "as in a real program, and each op pays for the collections its allocations trigger)",
     )
     parser.add_argument(
+        "--fork-baseline",
+        metavar="SRC",
+        default=None,
+        help="for op 10: a directory holding another thenable package (e.g. a scratch copy of an "
+        "earlier commit's src/), whose fork cost child processes measure alongside this one's",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time ops 1-7, 9 and 10 by the wall clock (default) or by the process's CPU time "
+        "(all its threads), which other processes on a loaded machine perturb less; CPU time "
+        "leaves out the time threads wait for each other. Op 8 is always wall time",
+    )
+    parser.add_argument("--fork-cost-child", choices=["plain", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument(
         "--watchdog",
         type=float,
         default=600.0,
@@ -768,6 +927,15 @@ def main(argv: list[str] | None = None) -> int:
         "(a hang in a future or pool shows where it is stuck); 0 disables (default 600)",
     )
     args = parser.parse_args(argv)
+    if args.clock == "cpu":
+        global perf_ns
+        perf_ns = time.process_time_ns
+    if args.fork_cost_child is not None:
+        return _fork_cost_child(args.fork_cost_child, args.no_gc)
+    if args.fork_baseline is not None and not os.path.isfile(
+        os.path.join(args.fork_baseline, "thenable", "__init__.py")
+    ):
+        parser.error(f"--fork-baseline {args.fork_baseline}: no thenable/__init__.py there")
     rounds: int = args.rounds if args.rounds is not None else (5 if args.quick else 25)
     if rounds < 1:
         parser.error("--rounds must be >= 1")
@@ -790,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     executor = cf.ThreadPoolExecutor(max_workers=cpus)
     loop = asyncio.new_event_loop()
+    children: list[_ChildForkWait] = []
     try:
         sort_task, sort_size, sort_s = _make_sort_task()
         print(
@@ -801,15 +970,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"rounds {rounds} (speedup: {parallel_rounds}), ~{sample_ns / 1e6:.0f} ms per "
-            f"sample, cycle GC {'off' if args.no_gc else 'on'} in samples; contenders "
-            "interleaved in alternating order; ns/op = median over rounds, ratio = median of "
-            "per-round ratios thenable/peer",
+            f"sample, {args.clock} clock, cycle GC {'off' if args.no_gc else 'on'} in samples; "
+            "contenders interleaved in alternating order; ns/op = median over rounds, "
+            "ratio = median of per-round ratios thenable/peer",
             flush=True,
         )
         if torch is None:
             print("torch not installed: torch rows are skipped")
 
         ops = _build_ops(torch, executor, loop)
+        ops += _fork_cost_ops(torch, args.fork_baseline, args.no_gc, args.clock, children)
+        for runner in children:
+            print(f"op 10 child: {runner.origin}")
         # Move everything alive so far (torch's objects above all) out of the collector's reach:
         # each sample starts with a gc.collect(), which then costs microseconds, not ~80 ms.
         gc.collect()
@@ -831,6 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(par_table)
     finally:
+        for runner in children:
+            runner.close()
         executor.shutdown(wait=True)
         loop.close()
 

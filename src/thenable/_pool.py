@@ -18,18 +18,27 @@ does not count it, and starts a replacement if work is queued, so blocked tasks 
 capacity to run the others.  Surplus workers retire when they next look for work, which is also
 how ``resize`` shrinks the pool.  Queued tasks always run: ``shutdown`` (called at interpreter
 exit too, as ``concurrent.futures`` does) refuses new tasks but finishes the queue.
+
+A task runs in the state of the thread that submitted it, whoever runs it (``_thread_state``):
+in a copy of its ``contextvars`` context and, where torch is imported and the submitter's torch
+state is not the default, under that state, put back afterwards.  A task forked while the
+submitter records a torch profile runs on torch's inter-op pool instead, the only threads that
+can carry a profiler; it is then outside this pool's counters and queue.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
+from contextvars import Context, copy_context
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from thenable import _thread_state
 from thenable._errors import as_runtime_error
 from thenable._future import _PER_THREAD, Future
 
@@ -43,6 +52,10 @@ _LOGGER = logging.getLogger("thenable.pool")
 # Replacement workers started for blocked ones, at most, beyond the pool's size.
 _MAX_EXTRA_WORKERS = 256
 
+# torch's thread state exists only where torch is imported: a lookup in here spares every fork
+# the calls to _thread_state where it is not.
+_MODULES = sys.modules
+
 
 class TaskExecutor(Protocol):
     """What ``fork`` needs of an executor: run ``fn(*args, **kwargs)``, returning its Future."""
@@ -53,9 +66,10 @@ class TaskExecutor(Protocol):
 
 
 class _Task:
-    """One queued call and the Future it completes; runs at most once, by whoever claims it."""
+    """One queued call, the Future it completes and the submitter's state it runs under; runs
+    at most once, by whoever claims it."""
 
-    __slots__ = ("args", "fn", "future", "kwargs", "pool")
+    __slots__ = ("args", "context", "fn", "future", "kwargs", "pool", "torch_state")
 
     def __init__(
         self,
@@ -64,21 +78,35 @@ class _Task:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        self.pool = pool
+        # None while the task is on torch's inter-op pool (see InteropPool._submit).
+        self.pool: InteropPool | None = pool
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.future: Future[Any] | None = Future()
         self.future._run_inline = self  # (the task itself: no bound method to allocate)
+        self.context: Context = copy_context()
+        # None: the default state.
+        self.torch_state = _thread_state.capture() if "torch" in _MODULES else None
 
     def help(self) -> None:
         """A thread is about to block on this task's Future: run it here if that is better."""
         pool = self.pool
-        if pool is not None and pool._waiter_should_run_it():
-            self.run()
+        if pool is None:
+            # On torch's inter-op pool: only a thread that records too may run it, or the
+            # task's ops would be missing from the profile; another waits for torch's thread.
+            if self.future is not None and _thread_state.profiling():
+                self.run(True)
+        elif pool._waiter_should_run_it():
+            self.run(True)
 
-    def run(self) -> None:
-        """Claim the task and run it in this thread; return at once if already claimed."""
+    def run(self, here: bool = False) -> None:
+        """Claim the task and run it in this thread; return at once if already claimed.
+
+        Args:
+            here: the thread is not a worker (a waiter, ``shutdown``): its own torch state may
+                differ from the default, which a worker's is, so it is checked.
+        """
         future = self.future
         if future is None:
             return
@@ -92,13 +120,33 @@ class _Task:
         # Claimed.  Drop every reference the queue could keep alive: the task may sit in the
         # queue until a worker pops it, long after a waiter ran it.
         fn, args, kwargs, pool = self.fn, self.args, self.kwargs, self.pool
+        context, state = self.context, self.torch_state
         self.fn = self.args = self.kwargs = self.future = self.pool = None  # type: ignore[assignment]
-        lock = pool._lock  # (InteropPool._claimed, written out: once a task)
-        lock.acquire()
-        pool._unclaimed -= 1
-        lock.release()
+        self.context = self.torch_state = None  # type: ignore[assignment]
+        if pool is not None:
+            lock = pool._lock  # (InteropPool._claimed, written out: once a task)
+            lock.acquire()
+            pool._unclaimed -= 1
+            lock.release()
+        if state is None and here and "torch" in _MODULES and not _thread_state.is_default():
+            state = _thread_state.DEFAULT  # forked in the default state, run where it is not
         try:
-            result = fn(*args, **kwargs)
+            try:
+                if state is None:
+                    result = context.run(fn, *args, **kwargs) if kwargs else context.run(fn, *args)
+                else:
+                    result = context.run(state.call, fn, args, kwargs)
+            finally:
+                # A worker starts each task in the default state: undo what a task left
+                # changed, before its Future's callbacks run here.  (state.call puts back the
+                # thread's own state itself; a waiter's own state is its business.)
+                if (
+                    state is None
+                    and not here
+                    and "torch" in _MODULES
+                    and not _thread_state.is_default()
+                ):
+                    _thread_state.reset()
         except BaseException as exc:
             future._complete(None, exc, exc.__traceback__)
             del exc
@@ -144,7 +192,10 @@ class InteropPool:
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
         """Queue ``fn(*args, **kwargs)`` and return the Future of its result.
 
-        Never raises for ``fn``'s sake: its exception goes into the Future.
+        Never raises for ``fn``'s sake: its exception goes into the Future.  Unlike
+        ``concurrent.futures``' executors, the task runs in the calling thread's state, as a
+        ``fork`` does (``fork`` is this, on the default pool): in a copy of its ``contextvars``
+        context, and under its torch thread state (see ``fork``).
 
         Raises:
             TypeError: ``fn`` is not callable.
@@ -166,6 +217,13 @@ class InteropPool:
                 None, RuntimeError(f"cannot run new tasks: the pool {self._name} is shut down")
             )
             return future
+        state = task.torch_state
+        if state is not None and state.profiler:
+            # Recording a profile: only torch's inter-op threads can carry the profiler.
+            task.pool = None
+            if _thread_state.launch_in_torch(task.run):
+                return future
+            task.pool = self  # torch cannot: run it here, unrecorded (a warning was logged)
         self._tasks.append(task)
         self._lock.acquire()
         try:
@@ -321,7 +379,7 @@ class InteropPool:
                 task = self._tasks.popleft()
             except IndexError:
                 break
-            task.run()
+            task.run(True)
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
@@ -408,6 +466,16 @@ def fork(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T
     Unlike ``torch.jit.fork`` in eager mode, the call really runs in parallel (for code that
     releases the GIL: I/O, sleeps, numpy and torch ops).  Its exception goes into the Future,
     never out of ``fork``.  ``func`` may be any callable, an ``nn.Module`` included.
+
+    Like ``torch.jit.fork``, the task runs under the state the forking thread had at the fork,
+    whichever thread runs it (a worker, or a ``wait`` that runs it inline), and leaves that
+    thread's own state as it was: in a copy of the forker's ``contextvars`` context (as
+    ``asyncio.to_thread`` does: the task sees the forker's values, and what it sets stays in
+    the task) and, where torch is imported, under the forker's grad mode, inference mode,
+    autocast and ``__torch_function__`` modes (``torch.device(...)``, ``set_default_device``).
+    A task forked while a torch profiler records in the forking thread runs on torch's
+    inter-op threads instead, the only ones that can carry a profiler, so that its ops are
+    recorded.  Not carried: ``__torch_dispatch__`` modes and saved-tensors hooks.
 
     Raises:
         TypeError: ``func`` is not callable.
