@@ -277,14 +277,23 @@ def test_base_exception_goes_into_the_future_and_the_worker_survives(
     assert pool.statistics()["workers"] == 1
 
 
+def test_wait_takes_a_torch_future() -> None:
+    torch = pytest.importorskip("torch")
+    done = torch.futures.Future()
+    done.set_result(3)
+    assert thenable.wait(done) == 3
+
+
 def test_wait_rejects_a_non_future() -> None:
     with pytest.raises(
-        TypeError, match=r"^wait\(\) takes the Future returned by fork\(\), got int$"
+        TypeError, match=r"^wait\(\) takes the Future returned by fork\(\), got builtins\.int$"
     ):
         thenable.wait(42)  # type: ignore[arg-type]
     import concurrent.futures
 
-    with pytest.raises(TypeError, match=r"^wait\(\) takes .*, got Future$"):
+    with pytest.raises(
+        TypeError, match=r"^wait\(\) takes .*, got concurrent\.futures\._base\.Future$"
+    ):
         thenable.wait(concurrent.futures.Future())  # type: ignore[arg-type]
 
 

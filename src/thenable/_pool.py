@@ -39,7 +39,8 @@ from contextvars import Context, copy_context
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from thenable import _thread_state
-from thenable._errors import as_runtime_error
+from thenable._aio import from_torch, is_torch_future
+from thenable._errors import as_runtime_error, type_name
 from thenable._future import _PER_THREAD, Future
 
 __all__ = ["InteropPool", "TaskExecutor", "default_pool"]
@@ -489,12 +490,20 @@ def fork(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T
 def wait(future: Future[T]) -> T:
     """Return the result of a forked task, running it in this thread if no worker has started it.
 
+    A ``torch.futures.Future`` (what ``torch.jit.wait`` takes) is waited for too.
+
     Raises:
-        TypeError: ``future`` is not a thenable Future (also a ``RuntimeError``, which torch
-            raises for ``torch.jit.wait(None)``).
+        TypeError: ``future`` is not a Future (also a ``RuntimeError``, which torch raises for
+            ``torch.jit.wait(None)``: "Future can't be None").
         Exception: the task's own exception.
     """
     if not isinstance(future, Future):
-        what = "None" if future is None else type(future).__qualname__
-        raise as_runtime_error(TypeError(f"wait() takes the Future returned by fork(), got {what}"))
+        if is_torch_future(future):
+            return from_torch(future).wait()
+        prefix = "Future can't be None: " if future is None else ""
+        raise as_runtime_error(
+            TypeError(
+                f"{prefix}wait() takes the Future returned by fork(), got {type_name(future)}"
+            )
+        )
     return future.wait()
