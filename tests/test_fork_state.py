@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,44 +25,18 @@ from typing import Any, TypeVar
 import pytest
 
 import thenable
+from _fork_helpers import TIMEOUT, eventually, hold, result_of
 from thenable import Future, InteropPool
 from thenable._pool import default_pool
 
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 10.0  # seconds: long enough never to fire on a working library, short enough to fail
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def result_of(fut: Future[T], timeout: float = TIMEOUT) -> T:
-    """The outcome of ``fut``, waited for without ever running its task in this thread."""
-    done = threading.Event()
-    fut.add_done_callback(lambda _: done.set())
-    if not done.wait(timeout):
-        pytest.fail(f"{fut!r} did not complete within {timeout} s")
-    return fut.value()
-
-
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Wait until ``predicate()`` holds, for state with no event to wait on (a worker retiring)."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not true within {timeout} s: {what}")
-        tick.wait(0.001)
-
-
-def hold(started: threading.Event, gate: threading.Event) -> None:
-    """Occupy a worker: signal ``started``, then block (not in Future.wait) until ``gate``."""
-    started.set()
-    if not gate.wait(TIMEOUT):
-        raise TimeoutError("the test never opened the gate")
 
 
 def thread_name() -> str:
@@ -106,7 +79,7 @@ def one_worker(gate: threading.Event) -> Iterator[Callable[[], None]]:
     thenable.set_num_interop_threads(1)
     pool = default_pool()
     eventually(lambda: pool.statistics()["workers"] <= 1, f"one worker left: {pool.statistics()}")
-    held: list[Future[None]] = []
+    held: list[Future[str]] = []
 
     def occupy() -> None:
         started = threading.Event()

@@ -29,7 +29,8 @@ gradients that come later run their nodes again (the sums at the leaves stay rig
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from thenable import _recorder
 from thenable.autograd import _grad_field
@@ -46,9 +47,24 @@ from thenable.autograd._torch import torch
 
 if TYPE_CHECKING:
     from thenable._future import Future
-    from thenable.autograd._contexts import DistAutogradContext
 
-__all__ = ("BackwardError", "Event", "PassState", "Step", "advance")
+__all__ = ("BackwardError", "Event", "Messages", "PassState", "Step", "advance")
+
+
+class Messages(Protocol):
+    """What a pass uses of its context (``_contexts.DistAutogradContext``, which holds the
+    passes' states: named here by what it does, so that neither module imports the other)."""
+
+    _id: int
+
+    def _send_functions(self) -> dict[int, list[Any]]: ...
+
+    def _recv_messages(self) -> dict[int, tuple[int, list[Any]]]: ...
+
+    def route(self, grads: list[tuple[Any, Any]]) -> dict[int, tuple[int, list[Any]]]: ...
+
+    def is_received(self, tensor: Any) -> bool: ...
+
 
 Seeds = list[tuple[Any, Any]]
 """(target, gradient) pairs: a target is a tensor or a ``GradientEdge``."""
@@ -69,7 +85,7 @@ class Event:
     def __init__(
         self,
         done: Future[bool],
-        seeds: Seeds = (),  # type: ignore[assignment]
+        seeds: Sequence[tuple[Any, Any]] = (),
         arrived: tuple[int, ...] | list[int] = (),
         dead: tuple[int, ...] | list[int] = (),
         resolving: bool = False,
@@ -158,7 +174,7 @@ class Step:
         self.dead: dict[int, list[int]] = {}
 
 
-def advance(rank: int, context: DistAutogradContext, state: PassState, batch: list[Event]) -> Step:
+def advance(rank: int, context: Messages, state: PassState, batch: list[Event]) -> Step:
     """Run what ``batch`` lets run; accumulate this worker's leaves into the context."""
     seeds: Seeds = []
     for event in batch:
@@ -198,7 +214,7 @@ def advance(rank: int, context: DistAutogradContext, state: PassState, batch: li
 
 
 def _run(
-    rank: int, state: PassState, context: DistAutogradContext, seeds: Seeds, blocked: Blocked
+    rank: int, state: PassState, context: Messages, seeds: Seeds, blocked: Blocked
 ) -> list[tuple[Any, Any]]:
     """Run from ``seeds`` up to ``blocked``; the (leaf, gradient) pairs that are final."""
     while True:
@@ -239,7 +255,7 @@ def _edge_of(target: Any) -> Any:
     return target
 
 
-def _leaves(region: Region, seeds: Seeds = ()) -> list[Any]:  # type: ignore[assignment]
+def _leaves(region: Region, seeds: Sequence[tuple[Any, Any]] = ()) -> list[Any]:
     """The leaves of ``region``'s gradient accumulators, and the seeds that are leaf tensors."""
     found: dict[int, Any] = {}
     for node in region.values():
@@ -270,7 +286,7 @@ def _backward_into_leaves(seeds: Seeds, region: Region) -> list[tuple[Any, Any]]
 
 def _run_to(
     state: PassState,
-    context: DistAutogradContext,
+    context: Messages,
     seeds: Seeds,
     region: Region,
     edges: list[Any],
@@ -299,9 +315,7 @@ def _run_to(
     return received
 
 
-def _declare_dead(
-    context: DistAutogradContext, state: PassState, blocked: Blocked, step: Step
-) -> None:
+def _declare_dead(context: Messages, state: PassState, blocked: Blocked, step: Step) -> None:
     """Received messages that no gradient reached, and that nothing still pending here reaches:
     their senders wait for nothing."""
     for message_id, (sender, tensors) in context._recv_messages().items():

@@ -239,13 +239,16 @@ class Agent:
         """The rank of a destination given as name, rank or WorkerInfo.
 
         Raises:
-            ValueError: no such worker.
-            TypeError: ``to`` is of another type.
+            UnknownWorkerError: no such worker (a ``ValueError``).
+            DestinationTypeError: ``to`` is of another type (a ``TypeError`` and an
+                ``UnknownWorkerError``: torch raises ``ValueError``), at once.
         """
         if type(to) is str:  # the common case first
             rank = self._ranks_by_name.get(to)
             if rank is not None:
                 return rank
+        elif not isinstance(to, (str, WorkerInfo, int)) or isinstance(to, bool):
+            raise destination_type_error(to)
         if not self._ready.is_set():
             # A handler may run before init_rpc has learned the table (a peer was faster).
             self._ready.wait(self.rpc_timeout or None)
@@ -259,13 +262,11 @@ class Agent:
                     f"{sorted(self._ranks_by_name)}"
                 )
             return rank
-        if isinstance(to, int) and not isinstance(to, bool):
-            if to not in self._workers:
-                raise UnknownWorkerError(
-                    f"unknown destination rank {to}; ranks are 0..{self.world_size - 1}"
-                )
-            return to
-        raise destination_type_error(to)
+        if to not in self._workers:
+            raise UnknownWorkerError(
+                f"unknown destination rank {to}; ranks are 0..{self.world_size - 1}"
+            )
+        return to
 
     # -- calling ------------------------------------------------------------------------------
 

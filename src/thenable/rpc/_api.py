@@ -16,7 +16,6 @@ from thenable.rpc._options import (
     RpcBackendOptions,
     WorkerInfo,
     check_worker_name,
-    destination_type_error,
     resolve_auth_key,
     resolve_rank_and_world_size,
 )
@@ -175,21 +174,7 @@ def _resolve_call(
         kwargs = {}
     elif not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, got {type(kwargs).__qualname__}")
-    if type(to) is not str:  # (the common case, checked by resolve)
-        _check_destination(to)
     return agent, agent.resolve(to), tuple(args), kwargs
-
-
-def _check_destination(to: object) -> None:
-    """Refuse a destination that is not a worker name, rank or WorkerInfo.
-
-    Raises:
-        DestinationTypeError: ``to`` is of another type (a ``TypeError``, and a ``ValueError``
-            and ``RuntimeError`` too: torch raises ``ValueError`` for ``rpc_sync(1.0, f)``).
-    """
-    if isinstance(to, (str, WorkerInfo)) or (isinstance(to, int) and not isinstance(to, bool)):
-        return
-    raise destination_type_error(to)
 
 
 def rpc_async(
@@ -289,7 +274,6 @@ def get_stats(
     agent = _agent.require_agent()
     if worker is None:
         return agent.statistics()
-    _check_destination(worker)
     rank = agent.resolve(worker)
     if rank == agent.rank:
         return agent.statistics()
