@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from thenable import _openmp
 from thenable._future import Future
 from thenable.rpc import _agent, _context, _tracing
 from thenable.rpc._agent import Agent
@@ -130,6 +131,7 @@ def init_rpc(
         _context.set_agent(None)
         raise
     _tracing.started(agent)
+    _openmp.settle()  # (see there: torch's idle OpenMP workers would spin between our calls)
 
 
 def shutdown(graceful: bool = True, timeout: float = 0) -> None:
