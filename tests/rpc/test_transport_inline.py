@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from thenable._future import Future
 from thenable.rpc import _shm, _sockets, _transport
 from thenable.rpc._protocol import Connection, Message, MessageKind
 from thenable.rpc._transport import PeerConnection
@@ -130,6 +131,45 @@ def test_a_blocked_inline_request_does_not_stop_the_next_from_being_read(
         sender.close()
         receiver.close()
     assert closed == [None] or closed == []
+
+
+def test_readers_taken_over_are_reused_and_end_with_the_connection(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A handler that blocks (``Future.wait``) hands the reading to another thread; once it is
+    done its thread parks, and the next hand-off wakes it instead of starting a thread: a
+    connection whose every request blocks runs on two reader threads, not one per request."""
+    rounds = 20
+    threads: list[threading.Thread] = []
+    finished: queue.Queue[int] = queue.Queue()
+
+    def on_message(conn: PeerConnection, message: Message) -> None:
+        threads.append(threading.current_thread())
+        reply: Future[None] = Future()
+        threading.Timer(0.001, reply.set_result, (None,)).start()
+        conn.run_inline(reply.wait)  # blocks: the reader hands off first
+        finished.put(message.request_id)
+
+    sender, receiver = _connected(pair, on_message)
+    try:
+        for request_id in range(rounds):
+            sender.send(MessageKind.REQUEST, request_id, b"x")
+            assert finished.get(timeout=WAIT_S) == request_id
+            # (the next request comes once this handler is done: its reader parks first)
+            deadline = time.monotonic() + WAIT_S
+            while (
+                not receiver._spares and threads[-1].is_alive() and time.monotonic() < deadline
+            ):
+                time.sleep(0.001)
+        distinct = {id(t) for t in threads}
+        assert len(threads) == rounds
+        assert len(distinct) <= 2, f"{len(distinct)} reader threads for {rounds} hand-offs"
+    finally:
+        sender.close()
+        receiver.close()
+    for thread in set(threads):
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "a spare reader outlived its connection"
 
 
 def test_may_run_inline_only_in_the_reader_and_with_nothing_buffered(

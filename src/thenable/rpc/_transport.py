@@ -149,6 +149,9 @@ class PeerConnection:
         self._closed = False  # ... and no longer sends
         self._reader: threading.Thread | None = None
         self._reader_ident: int | None = None  # its thread id (set by itself, as it starts)
+        # Readers taken over, their handlers done, parked for the next take-over (see
+        # _start_reader): (thread, the lock it waits on).
+        self._spares: list[tuple[threading.Thread, threading.Lock]] = []
         # Same-host connections stage large payloads in shared memory (see _shm).
         self._outbox: _shm.Outbox | None = None
         self._inbox: _shm.Inbox | None = None
@@ -570,6 +573,9 @@ class PeerConnection:
                 return
             self._closing = True
             self._closer = threading.current_thread()
+            spares, self._spares = self._spares, []
+        for _, park in spares:
+            park.release()  # (they end: none is the reader)
         deadline = time.monotonic() + _FLUSH_TIMEOUT_S
         locked = self._send_lock.acquire(timeout=_FLUSH_TIMEOUT_S if error is None else 0)
         try:
@@ -633,12 +639,44 @@ class PeerConnection:
     # -- reading ------------------------------------------------------------------------------
 
     def _start_reader(self) -> None:
-        reader = threading.Thread(
-            target=self._read_loop, name=f"thenable-rpc-reader {self.description}", daemon=True
-        )
-        self._reader = reader
-        reader.start()
+        """Let a spare reader read from now on, or a new thread (``_state_lock`` held, but at
+        the start).
+
+        A reader taken over (its handler blocked or ran long) parks once its handler is done,
+        as a spare for the next take-over: a connection whose handlers block often (a
+        ``to_here()`` in a handler, each step) would else start a thread each time, and a new
+        thread that runs torch ops also starts an OpenMP team of its own.
+        """
+        if self._spares:
+            reader, park = self._spares.pop()
+            self._reader = reader
+            park.release()
+        else:
+            park = threading.Lock()
+            park.acquire()
+            reader = threading.Thread(
+                target=self._read_and_park,
+                args=(park,),
+                name=f"thenable-rpc-reader {self.description}",
+                daemon=True,
+            )
+            self._reader = reader
+            reader.start()
         _WATCHDOG.watch(self)
+
+    def _read_and_park(self, park: threading.Lock) -> None:
+        """A reader's thread: read until taken over, then wait as a spare to read again (or,
+        with spares enough or the connection closing, end)."""
+        me = threading.current_thread()
+        while True:
+            self._read_loop()
+            with self._state_lock:
+                if self._closing or len(self._spares) >= _SPARE_READERS:
+                    return
+                self._spares.append((me, park))
+            park.acquire()  # released by _start_reader (read again) or close (end)
+            if self._reader is not me:
+                return
 
     def _take_over(self, reader: threading.Thread, inline_before: float | None = None) -> None:
         """If ``reader`` still reads this connection, let a new thread read from now on
@@ -861,6 +899,9 @@ class _PollPolicy:
         """The wait for data took ``seconds``, polled or slept."""
         self._long_waits = 0 if seconds < self._busy_poll_s else self._long_waits + 1
 
+
+_SPARE_READERS = 2
+"""Readers a connection keeps parked after a take-over, at most (see ``_start_reader``)."""
 
 INLINE_PATIENCE_S = 0.01
 """How long a request run by a connection's reader may keep others from being read."""
