@@ -157,9 +157,7 @@ def test_readers_taken_over_are_reused_and_end_with_the_connection(
             assert finished.get(timeout=WAIT_S) == request_id
             # (the next request comes once this handler is done: its reader parks first)
             deadline = time.monotonic() + WAIT_S
-            while (
-                not receiver._spares and threads[-1].is_alive() and time.monotonic() < deadline
-            ):
+            while not receiver._spares and threads[-1].is_alive() and time.monotonic() < deadline:
                 time.sleep(0.001)
         distinct = {id(t) for t in threads}
         assert len(threads) == rounds
