@@ -13,6 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from thenable import _openmp  # noqa: E402 - after the skip
+
 _PROBE = textwrap.dedent(
     """
     import json, os, sys, threading
@@ -52,7 +54,7 @@ def test_settle_parks_one_team_once() -> None:
         pytest.skip("this torch does not run on GNU OpenMP")
     assert found["first"] is True
     assert found["again"] is True  # (the same team: settle is idempotent)
-    assert found["names"].count("thenable-openmp") == 1  # type: ignore[attr-defined]
+    assert found["names"].count(_openmp.THREAD_NAME) == 1  # type: ignore[attr-defined]
     # The parked thread and its team's worker: libgomp now manages more threads than CPUs.
     assert found["added"] >= found["threads"]  # type: ignore[operator]
 
@@ -61,13 +63,13 @@ def test_settle_parks_one_team_once() -> None:
 def test_settle_leaves_a_users_choice_alone(choice: str) -> None:
     found = _probe({"OMP_NUM_THREADS": "2", choice: "PASSIVE" if "POLICY" in choice else "0"})
     assert found["first"] is False
-    assert "thenable-openmp" not in found["names"]  # type: ignore[operator]
+    assert _openmp.THREAD_NAME not in found["names"]  # type: ignore[operator]
 
 
 def test_settle_does_nothing_with_one_thread() -> None:
     found = _probe({"OMP_NUM_THREADS": "1"})
     assert found["first"] is False
-    assert "thenable-openmp" not in found["names"]  # type: ignore[operator]
+    assert _openmp.THREAD_NAME not in found["names"]  # type: ignore[operator]
 
 
 def test_settle_does_nothing_without_torch() -> None:
@@ -91,7 +93,7 @@ def test_init_rpc_settles_openmp() -> None:
         options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
         rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=options)
         try:
-            print([t.name for t in threading.enumerate()].count("thenable-openmp"))
+            print([t.name for t in threading.enumerate()].count("openmp-parked-team"))
         finally:
             rpc.shutdown()
         """
@@ -107,6 +109,5 @@ def test_init_rpc_settles_openmp() -> None:
         env=env,
         check=True,
     )
-    from thenable import _openmp
 
     assert done.stdout.split()[-1] == ("1" if _openmp._gnu_openmp_loaded() else "0")

@@ -23,8 +23,10 @@ import os
 import sys
 import threading
 
-__all__ = ("settle",)
+__all__ = ("THREAD_NAME", "settle")
 
+THREAD_NAME = "openmp-parked-team"
+"""The parked thread's name (not ``thenable-...``: it outlives RPC, as the process's)."""
 _GRAIN = 32768  # elements per chunk below which torch's parallel_for runs serially
 _USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -46,7 +48,7 @@ def settle() -> bool:
             return False
         started = threading.Event()
         thread = threading.Thread(
-            target=_park, args=(torch, threads, started), name="thenable-openmp", daemon=True
+            target=_park, args=(torch, threads, started), name=THREAD_NAME, daemon=True
         )
         thread.start()
         started.wait()
