@@ -34,16 +34,23 @@ _PROBE = textwrap.dedent(
 )
 
 
-def _probe(env: dict[str, str] | None = None) -> dict[str, object]:
+def _run(code: str, env: dict[str, str] | None = None) -> str:
+    """``code``'s output in a fresh interpreter, with none of the user's OpenMP wait choices
+    but those in ``env``."""
+    environ = {k: v for k, v in os.environ.items() if k not in _openmp._USER_CHOICES}
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**environ, **(env or {})},
         check=True,
     )
-    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def _probe(env: dict[str, str] | None = None) -> dict[str, object]:
+    result: dict[str, object] = json.loads(_run(_PROBE, env).strip().splitlines()[-1])
     return result
 
 
@@ -76,10 +83,7 @@ def test_settle_does_nothing_without_torch() -> None:
     code = (
         "import sys; from thenable import _openmp; print(_openmp.settle(), 'torch' in sys.modules)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.split() == ["False", "False"]  # and it never imports torch
+    assert _run(code).split() == ["False", "False"]  # and it never imports torch
 
 
 def test_init_rpc_settles_openmp() -> None:
@@ -87,27 +91,16 @@ def test_init_rpc_settles_openmp() -> None:
     code = textwrap.dedent(
         """
         import socket, threading, torch
-        from thenable import rpc
+        from thenable import _openmp, rpc
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
         options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}")
         rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=options)
         try:
-            print([t.name for t in threading.enumerate()].count("openmp-parked-team"))
+            print([t.name for t in threading.enumerate()].count(_openmp.THREAD_NAME))
         finally:
             rpc.shutdown()
         """
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    env.pop("OMP_WAIT_POLICY", None)
-    env.pop("GOMP_SPINCOUNT", None)
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=True,
-    )
-
-    assert done.stdout.split()[-1] == ("1" if _openmp._gnu_openmp_loaded() else "0")
+    found = _run(code, {"OMP_NUM_THREADS": "2"})
+    assert found.split()[-1] == ("1" if _openmp._gnu_openmp_loaded() else "0")
