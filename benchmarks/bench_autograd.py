@@ -267,6 +267,10 @@ class RunConfig:
     def world_size(self) -> int:
         return 3 if self.workload == "pipeline" else self.trainers + 1
 
+    @property
+    def config(self) -> Config:
+        return Config(self.workload, self.threads, self.trainers)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -553,14 +557,14 @@ def _train_pipeline(stack: Stack, cfg: RunConfig, rep: _Reporter, trainer_barrie
 # -- the parent: start, watch and collect a run ---------------------------------------------------
 
 
-def run_group(cfg: RunConfig, config: Config, log_dir: Path, tag: str) -> RunResult:
+def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> RunResult:
     """Start ``cfg.world_size`` processes, collect the trainers' reports, make sure they are
     gone."""
     ctx = mp.get_context("spawn")
     q: Any = ctx.Queue()
     barrier: Any = ctx.Barrier(cfg.world_size)
     trainer_barrier: Any = ctx.Barrier(cfg.trainers)
-    result = RunResult(cfg.backend, config)
+    result = RunResult(cfg.backend, cfg.config)
     logs = [log_dir / f"{tag}-rank{r}.log" for r in range(cfg.world_size)]
     procs = [
         ctx.Process(
@@ -737,7 +741,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                     rpc_timeout_s=60.0,
                 )
                 tag = f"r{i + 1}-{config.workload}-t{config.threads}-n{config.trainers}-{b}"
-                res = run_group(cfg, config, log_dir, tag)
+                res = run_group(cfg, log_dir, tag)
                 col.runs.setdefault((config, b), []).append(res)
                 if res.errors:
                     what = f"round {i + 1}, {config.label()}, {b}"
