@@ -7,7 +7,9 @@ Commands named ``check_*`` run on worker0 and return what they saw: for gradient
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import threading
 import time
 from typing import Any
 
@@ -682,6 +684,70 @@ def check_leaf_hooks_run() -> dict[str, Any]:
         "calls": calls,
         "dot_grad": (a.grad, b.grad),
     }
+
+
+def check_node_hooks_run_without_tensor_hooks() -> dict[str, Any]:
+    """With no tensor hook on any leaf (the pass computes gradients outside the ``.grad`` lock),
+    ``AccumulateGrad``'s pre- and post-hooks and post-accumulate-grad hooks still run, each
+    once, seeing the gradient in ``.grad``; a ``.grad`` the user left stays as it was."""
+    a, b = _leaves(3, count=2, seed=22)
+    calls: list[Any] = []
+    b_accumulate: Any = (b * 1.0).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+    b_accumulate.register_prehook(lambda grads: calls.append("pre"))
+    b_accumulate.register_hook(lambda grads_in, grads_out: calls.append("post"))
+    b.register_post_accumulate_grad_hook(lambda leaf: calls.append(leaf.grad.clone()))  # type: ignore[no-untyped-call]
+    a.grad = torch.full((3,), 5.0)
+    with dist_autograd.context() as cid:
+        x = rpc.rpc_sync("worker1", mul_add, args=(a, b))
+        dist_autograd.backward(cid, [x.sum()])
+        pairs = _compare(cid, [a, b], _local_grads([a, b], lambda a, b: [mul_add(a, b).sum()]))
+    return {"pairs": pairs, "calls": calls, "dot_grad": (a.grad, b.grad)}
+
+
+_SHARED_WEIGHT = torch.arange(4.0).requires_grad_()
+_BOTH_PASSES = threading.Barrier(2, timeout=WAIT_S)
+
+
+class _MeetOtherPass(torch.autograd.Function):
+    """Identity whose backward waits until another pass's backward is in it too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _BOTH_PASSES.wait()
+        return grad
+
+
+def shared_weight_times(a: torch.Tensor) -> torch.Tensor:
+    """``a`` times this worker's one shared weight, through a backward that meets another pass."""
+    return _MeetOtherPass.apply(_SHARED_WEIGHT) * a  # type: ignore[no-any-return,no-untyped-call]
+
+
+def shared_weight_gradient(cid: int) -> tuple[torch.Tensor, Any]:
+    """The shared weight's gradient in context ``cid`` here, and its ``.grad``."""
+    return dist_autograd.get_gradients(cid)[_SHARED_WEIGHT], _SHARED_WEIGHT.grad
+
+
+def check_passes_over_a_shared_weight_overlap() -> dict[str, Any]:
+    """Two trainers' passes through one weight on worker1 are in its backward at once (each
+    waits there for the other), and each context gets its own gradient."""
+
+    def train(seed: int) -> tuple[Any, ...]:
+        (a,) = _leaves(4, count=1, seed=seed)
+        with dist_autograd.context() as cid:
+            x = rpc.rpc_sync("worker1", shared_weight_times, (a,))
+            dist_autograd.backward(cid, [x.sum()])
+            weight_grad, dot_grad = rpc.rpc_sync("worker1", shared_weight_gradient, (cid,))
+            a_grad = dist_autograd.get_gradients(cid)[a]
+        return (weight_grad, a.detach()), (a_grad, torch.arange(4.0)), dot_grad
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(train, (31, 32)))
+    pairs = [pair for run in runs for pair in run[:2]]
+    return {"pairs": pairs, "dot_grads": [run[2] for run in runs]}
 
 
 class _PassesSeen(torch.autograd.Function):

@@ -175,6 +175,25 @@ def test_leaf_hooks_run_and_dot_grad_is_kept(group: Group) -> None:
     torch.testing.assert_close(kept_b, torch.full((3,), 7.0))
 
 
+def test_node_hooks_run_when_no_leaf_has_tensor_hooks(group: Group) -> None:
+    out = group.call(0, ag.check_node_hooks_run_without_tensor_hooks)
+    _assert_equal_pairs(out["pairs"])
+    pre, seen_in_grad, post = out["calls"]  # torch's order: accumulated, then post-hooks
+    assert (pre, post) == ("pre", "post")
+    torch.testing.assert_close(seen_in_grad, out["pairs"][1][1])
+    kept_a, kept_b = out["dot_grad"]
+    torch.testing.assert_close(kept_a, torch.full((3,), 5.0))
+    assert kept_b is None
+
+
+def test_passes_over_a_shared_weight_run_at_once(group: Group) -> None:
+    """No process-wide lock serializes the passes of two trainers through one server's weight
+    (as with torch): each waits in the weight's backward for the other."""
+    out = group.call(0, ag.check_passes_over_a_shared_weight_overlap)
+    _assert_equal_pairs(out["pairs"])
+    assert out["dot_grads"] == [None, None]
+
+
 def test_debug_info_counts_running_passes_and_max_id(group: Group) -> None:
     out = group.call(0, ag.check_debug_info_and_max_id)
     assert out["during"] == [1]

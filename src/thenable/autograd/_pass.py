@@ -269,19 +269,22 @@ def _leaves(region: Region, seeds: Sequence[tuple[Any, Any]] = ()) -> list[Any]:
 
 
 def _backward_into_leaves(seeds: Seeds, region: Region) -> list[tuple[Any, Any]]:
-    """torch's backward into the leaves' ``.grad`` (borrowed: see ``_grad_field``), which runs
-    their hooks (DDP's reducer among them)."""
+    """The leaves' gradients, accumulated into their ``.grad`` with their hooks (DDP's reducer
+    among them; see ``_grad_field``).  Computed outside the ``.grad`` lock, unless a leaf has
+    tensor hooks: those run in the engine's pass, so that pass runs into the borrowed field."""
     leaves = _leaves(region, seeds)
     if not leaves:
         return []
-    with _grad_field.borrowed(leaves, [None] * len(leaves)):
-        torch.autograd.backward(
-            [target for target, _ in seeds],
-            [grad for _, grad in seeds],
-            retain_graph=True,
-            inputs=leaves,
-        )
-        return [(leaf, leaf.grad) for leaf in leaves]
+    targets = [target for target, _ in seeds]
+    grads = [grad for _, grad in seeds]
+    if any(_grad_field.has_tensor_hooks(leaf) for leaf in leaves):
+        with _grad_field.borrowed(leaves, [None] * len(leaves)):
+            torch.autograd.backward(targets, grads, retain_graph=True, inputs=leaves)
+            return [(leaf, leaf.grad) for leaf in leaves]
+    computed = torch.autograd.grad(targets, leaves, grads, retain_graph=True, allow_unused=True)
+    return _grad_field.accumulate(
+        [(leaf, grad) for leaf, grad in zip(leaves, computed, strict=True) if grad is not None]
+    )
 
 
 def _run_to(
