@@ -77,7 +77,7 @@ def check_job_trace(trace: dict[str, Any]) -> None:
     assert len(named(one, "handle add")) == 1 and len(named(two, "handle add")) == 2
     assert named(one, "handle add_on") and named(one, "async_execution done")
     assert named(one, "rpc add") and named(one, "then add_on.<locals>.<lambda>")
-    assert named(two, "handle _remote_create") and named(two, "handle _fetch_value")
+    assert named(two, "handle rref_remote_create") and named(two, "handle rref_fetch_value")
     assert named(zero, "fork rpc_sync") and named(zero, "task rpc_sync")
     shm = named(zero, "shm copy")
     assert shm and shm[0]["args"]["bytes"] >= 1 << 20
@@ -88,9 +88,9 @@ def check_job_trace(trace: dict[str, Any]) -> None:
     assert ("rpc add_on", "handle add_on") in pairs
     assert ("send reply", "reply add_on") in pairs
     assert ("fork rpc_sync", "task rpc_sync") in pairs
-    # In order: worker0 called add_on before _remote_create; worker1's handler of add_on ran
-    # before worker2's of _remote_create.
-    assert named(one, "handle add_on")[0]["ts"] < named(two, "handle _remote_create")[0]["ts"]
+    # In order: worker0 called add_on before rref_remote_create; worker1's handler of add_on ran
+    # before worker2's of rref_remote_create.
+    assert named(one, "handle add_on")[0]["ts"] < named(two, "handle rref_remote_create")[0]["ts"]
 
 
 def test_a_trace_started_on_one_worker_records_all_three(tmp_path: Path) -> None:

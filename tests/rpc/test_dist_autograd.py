@@ -121,11 +121,11 @@ def test_errors_are_torchs(group: Group) -> None:
         "leaf_root": ("builtins.RuntimeError", "does not have a valid gradient function"),
         "nested": ("builtins.RuntimeError", "Already have an autograd context id for this thread"),
         "remote_backward": (
-            "thenable.autograd._pass.BackwardError",
+            "thenable.autograd.BackwardError",
             "Error on Node 1: Simulated error in a backward function",
         ),
         "local_backward": (
-            "thenable.autograd._pass.BackwardError",
+            "thenable.autograd.BackwardError",
             "Error on Node 0: Simulated error in a backward function",
         ),
         "released": ("builtins.RuntimeError", "Could not find autograd context"),
@@ -146,7 +146,7 @@ def test_a_worker_killed_during_backward_fails_it_promptly(make_group: GroupFact
     group.wait_signal(1, "in-backward")
     group.kill(1)
     failure, elapsed = group.result(ticket)
-    assert failure.type_name == "thenable.rpc._errors.RpcConnectionError", failure.traceback
+    assert failure.type_name == "thenable.rpc.RpcConnectionError", failure.traceback
     assert "builtins.RuntimeError" in failure.bases
     assert elapsed < 10.0, f"backward failed only after {elapsed:.1f} s"
     group.call(0, fns.shutdown_worker, False)

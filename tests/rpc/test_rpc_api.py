@@ -83,7 +83,7 @@ def test_remote_exception_is_reraised_as_the_original_type(group: Group) -> None
             "code": code,
             "detail": {"where": "remote", "codes": [code, code + 1]},
         }
-        assert failure.cause_type_name == "thenable.rpc._serialize.RemoteTraceback"
+        assert failure.cause_type_name == "thenable.rpc.RemoteTraceback"
         assert failure.cause_text.startswith(WORKER1_TRACE), failure.cause_text
         assert "in raise_custom" in failure.cause_text
         assert f"_remote_fns.CustomError: ('{message}', {code})" in failure.cause_text
@@ -97,7 +97,7 @@ def test_exception_that_cannot_travel_becomes_remote_error(group: Group) -> None
     assert unpicklable.attributes["type_name"] == "_remote_fns.UnpicklableError"
     assert unpicklable.attributes["message"] == "cannot travel"
     assert "pickling failed" in unpicklable.attributes["reason"]
-    assert unpicklable.cause_type_name == "thenable.rpc._serialize.RemoteTraceback"
+    assert unpicklable.cause_type_name == "thenable.rpc.RemoteTraceback"
     assert "in raise_unpicklable" in unpicklable.cause_text
     unloadable = _is(out["unloadable"], rpc.RemoteError, "TwoArgError", "p/q")
     assert unloadable.attributes["type_name"] == "_remote_fns.TwoArgError"
@@ -121,7 +121,7 @@ def test_unpicklable_return_value_fails_the_call_and_worker_keeps_serving(group:
         failure = out[label]
         assert isinstance(failure, Failure)
         assert "_thread.lock" in failure.message, failure.traceback
-        assert failure.type_name == "thenable.rpc._errors.SerializationError"
+        assert failure.type_name == "thenable.rpc.SerializationError"
         assert failure.cause_text.startswith(WORKER1_TRACE)
     assert out["next-call"] == 5
     assert out["worker1-pending"] == 0

@@ -22,7 +22,7 @@ PROMPT_S = 10.0
 
 def _connection_error(outcome: object, *fragments: str) -> Failure:
     assert isinstance(outcome, Failure), f"expected a ConnectionError, got {outcome!r}"
-    assert outcome.type_name == "thenable.rpc._errors.RpcConnectionError", outcome.traceback
+    assert outcome.type_name == "thenable.rpc.RpcConnectionError", outcome.traceback
     assert {"builtins.ConnectionError", "builtins.RuntimeError"} <= set(outcome.bases)
     for fragment in fragments:
         assert fragment in outcome.message, (fragment, outcome.message)

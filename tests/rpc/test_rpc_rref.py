@@ -64,7 +64,7 @@ def test_remote_is_confirmed_without_further_traffic(group: Group) -> None:
 def test_remote_whose_request_the_owner_cannot_decode_fails_its_users(group: Group) -> None:
     out = group.call(0, fns.check_undecodable_creation)
     for key in ("to_here", "to_here_again"):
-        _failure(out[key], "thenable.rpc._errors.SerializationError", "cannot load", "TwoArgError")
+        _failure(out[key], "thenable.rpc.SerializationError", "cannot load", "TwoArgError")
     _failure(out["proxy"], "builtins.RuntimeError", "creating the value", "TwoArgError")
     assert out["confirmed"] is True  # the owner answered, with the error
     assert out["table_after"] == 0

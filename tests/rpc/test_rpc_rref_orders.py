@@ -33,7 +33,7 @@ def test_owner_reads_wait_for_a_creation_still_running(group: Group) -> None:
     assert failure.type_name == "_remote_fns.CustomError" and "creation failed" in failure.message
     pending, failure = out["too_slow"]
     assert pending is True and isinstance(failure, Failure)
-    assert failure.type_name == "thenable.rpc._errors.RpcTimeoutError", failure.traceback
+    assert failure.type_name == "thenable.rpc.RpcTimeoutError", failure.traceback
     assert "still being created after 0.3 s" in failure.message
     assert "builtins.RuntimeError" in failure.bases
     assert out["after"] == 7
@@ -57,7 +57,7 @@ def test_a_request_that_timed_out_keeps_its_rref_until_the_owner_read_it(group: 
     out = group.call(0, orders.check_timed_out_request_keeps_its_rref)
     timed_out = out["timed_out"]
     assert isinstance(timed_out, Failure)
-    assert timed_out.type_name == "thenable.rpc._errors.RpcTimeoutError"
+    assert timed_out.type_name == "thenable.rpc.RpcTimeoutError"
     assert out["alive_while_unread"] is True
     assert out["read"] == "late-read"
     assert out["left"] == 0

@@ -24,7 +24,7 @@ from thenable.autograd._contexts import DistAutogradContext, current_id, release
 from thenable.autograd._contexts import set_current_id as _set_current_id
 from thenable.autograd._contexts import table as _table
 from thenable.autograd._engine import BackwardError, check_roots, run_backward
-from thenable.rpc import _agent
+from thenable.rpc import _agent, _handlers
 
 __all__ = (
     "BackwardError",
@@ -132,3 +132,6 @@ def _get_debug_info() -> dict[str, str]:
         "num_current_backward_passes": str(found.passes_running),
         "num_autograd_contexts": str(len(found)),
     }
+
+
+_handlers.publish(__name__, globals(), __all__)  # BackwardError travels by its public path

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from thenable.autograd._pass import PassState
 from thenable.rpc import _agent
+from thenable.rpc._handlers import pinned
 
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
@@ -324,6 +325,7 @@ def release_everywhere(agent: Agent, context_id: int, source: int | None = None)
             )
 
 
+@pinned
 def _release_notified(context_id: int, source: int) -> None:
     agent = _agent.current_agent()
     if agent is not None:  # (else this worker shuts down: its contexts are gone with it)

@@ -40,6 +40,7 @@ from thenable.autograd import _contexts
 from thenable.autograd._pass import BackwardError, Event, PassState, Seeds, Step, advance
 from thenable.autograd._torch import torch
 from thenable.rpc import _agent
+from thenable.rpc._handlers import pinned
 from thenable.rpc._rref import backward_root
 from thenable.rpc.functions import async_execution
 
@@ -252,6 +253,7 @@ def _all_done(calls: list[Future[Any]]) -> Future[bool]:
     return done
 
 
+@pinned
 @async_execution
 def _propagate(
     context_id: int, pass_id: int, grads_by_message: dict[int, list[Any]]
@@ -266,6 +268,7 @@ def _propagate(
     return _event(agent, context, pass_id, seeds=seeds, arrived=list(grads_by_message))
 
 
+@pinned
 @async_execution
 def _dead(context_id: int, pass_id: int, message_ids: list[int]) -> Future[bool]:
     """On the worker that sent these messages: no gradient will come for them."""
@@ -274,6 +277,7 @@ def _dead(context_id: int, pass_id: int, message_ids: list[int]) -> Future[bool]
     return _event(agent, context, pass_id, dead=message_ids)
 
 
+@pinned
 @async_execution
 def _resolve(context_id: int, pass_id: int, wave: int, source: int) -> Future[bool]:
     """Resolve wave ``wave`` of pass ``pass_id`` reaches this worker (see the module
@@ -309,6 +313,7 @@ def _backward_here(agent: Agent, context_id: int, root: Any) -> Future[None]:
     return _pass_from(agent, context, [(root, torch.ones_like(root))])
 
 
+@pinned
 @async_execution
 def _backward_on_owner(rref: Any, context_id: int) -> Future[None]:
     agent = _agent.require_agent()

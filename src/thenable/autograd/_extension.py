@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from thenable.autograd import _contexts, _engine
 from thenable.rpc import _extensions
+from thenable.rpc._handlers import pinned
 
 if TYPE_CHECKING:
     from thenable.rpc._agent import Agent
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ("install",)
 
 
+@pinned
 class _Link:
     """What a message in a context carries: its context and message ids."""
 

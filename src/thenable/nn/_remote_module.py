@@ -16,6 +16,7 @@ from thenable._future import Future
 from thenable.autograd._torch import torch
 from thenable.rpc import RRef, rpc_async, rpc_sync
 from thenable.rpc import _context as _rpc_context
+from thenable.rpc._handlers import pinned
 
 __all__ = ("RemoteModule",)
 
@@ -85,6 +86,7 @@ def _parse_remote_device(remote_device: str) -> tuple[str | int, str]:
     return worker, device
 
 
+@pinned
 def _create_module(
     module_cls: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], device: str
 ) -> RRef[Any]:
@@ -105,18 +107,22 @@ def _create_module(
     return RRef(module.to(target))
 
 
+@pinned
 def _param_rrefs(module_rref: RRef[Any], recurse: bool) -> list[RRef[Any]]:
     return [RRef(param) for param in module_rref.local_value().parameters(recurse)]
 
 
+@pinned
 def _forward(module_rref: RRef[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return module_rref.local_value().forward(*args, **kwargs)
 
 
+@pinned
 def _train(module_rref: RRef[Any], mode: bool) -> None:
     module_rref.local_value().train(mode)
 
 
+@pinned
 def _rebuild(on: str | int, device: str, module_rref: RRef[Any]) -> RemoteModule:
     module = RemoteModule.__new__(RemoteModule)
     module._init_from(on, device, module_rref)

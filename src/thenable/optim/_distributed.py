@@ -15,6 +15,7 @@ from typing import Any
 from thenable._errors import as_runtime_error
 from thenable.autograd import _grad_field, _torch, get_gradients
 from thenable.rpc import RRef, rpc_async
+from thenable.rpc._handlers import pinned
 
 __all__ = ("DistributedOptimizer",)
 
@@ -42,6 +43,7 @@ class _LocalOptimizer:
             self._optimizer.step()
 
 
+@pinned
 def _new_local_optimizer(
     optimizer_class: type[Any],
     params: list[RRef[Any]],
@@ -51,6 +53,7 @@ def _new_local_optimizer(
     return RRef(_LocalOptimizer(optimizer_class, params, args, kwargs))
 
 
+@pinned
 def _step(optimizer: RRef[_LocalOptimizer], context_id: int) -> None:
     optimizer.local_value().step(context_id)
 

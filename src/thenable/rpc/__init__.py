@@ -5,6 +5,7 @@ Code written for torch runs after changing its import:
     from thenable import rpc      # was: from torch.distributed import rpc
 """
 
+from thenable.rpc import _handlers
 from thenable.rpc import api as api
 from thenable.rpc import constants as constants
 from thenable.rpc import functions as functions
@@ -84,3 +85,5 @@ __all__ = (
     "rpc_sync",
     "shutdown",
 )
+
+_handlers.publish(__name__, globals(), __all__)  # exceptions travel as thenable.rpc.<Name>

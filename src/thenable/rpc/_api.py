@@ -13,6 +13,7 @@ from thenable import _openmp
 from thenable._future import Future
 from thenable.rpc import _agent, _context, _tracing
 from thenable.rpc._agent import Agent
+from thenable.rpc._handlers import pinned
 from thenable.rpc._options import (
     RpcBackendOptions,
     WorkerInfo,
@@ -284,6 +285,7 @@ def get_stats(
     return stats
 
 
+@pinned
 def _worker_stats() -> dict[str, Any]:
     """(RPC) This worker's ``get_stats()``."""
     return _agent.require_agent().statistics()

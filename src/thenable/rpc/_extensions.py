@@ -29,6 +29,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
+from thenable.rpc._handlers import pinned
+
 # The agent (``thenable.rpc._agent.Agent``) is passed through as it is; not naming its class here
 # keeps this module below the agent in the import graph.
 _Agent = Any
@@ -91,6 +93,7 @@ def run_carried(
         return fn(*args, **kwargs)
 
 
+@pinned
 class Reply:
     """A reply value with the extra that travels with it."""
 

@@ -113,7 +113,7 @@ __all__ = [
     "ProtocolError",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 """Version carried in HELLO; peers with another version are rejected."""
 
 MAX_FRAME_BYTES: Final = 1 << 30

@@ -33,6 +33,7 @@ from thenable.rpc._errors import (
     RpcTimeoutError,
     WorkerNameError,
 )
+from thenable.rpc._handlers import pinned
 from thenable.rpc.functions import async_execution
 
 __all__ = (
@@ -265,12 +266,14 @@ def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
         answer._complete(None, error, strict=False)
 
 
+@pinned
 @async_execution
 def _join(worker: WorkerAddress, world_size: int) -> Future[list[WorkerAddress]]:
     coordinator = _coordinator()
     return coordinator.join(worker, world_size)
 
 
+@pinned
 @async_execution
 def _barrier(round_number: int, rank: int, quiet: bool) -> Future[bool]:
     return _coordinator().arrive(round_number, rank, quiet)

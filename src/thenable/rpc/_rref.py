@@ -57,6 +57,7 @@ from thenable.rpc import _context, _extensions
 from thenable.rpc._callee_log import log_user_error
 from thenable.rpc._context import Worker
 from thenable.rpc._errors import RpcTimeoutError, SerializationError
+from thenable.rpc._handlers import pinned
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc.functions import (
     async_execution,
@@ -612,6 +613,7 @@ def _log_fork_failure(done: Future[Any], rref: RRef[Any]) -> None:
         _LOGGER.warning("could not register a reference to %r: %s", rref, done._exception)
 
 
+@pinned
 def _rebuild_rref(owner: int, rref_id: RRefId, fork: ForkId | None) -> RRef[Any]:
     context = _context.received_from()
     agent = context[0] if context is not None else _context.require_agent()
@@ -765,6 +767,7 @@ def _produce(
 # -- functions run on the owner, by RPC ------------------------------------------------------
 
 
+@pinned
 @reply_may_wait  # its caller goes on without it; to_here()'s reply usually follows at once
 def _remote_create(
     rref_id: RRefId,
@@ -777,6 +780,7 @@ def _remote_create(
     _produce(_owners(_context.require_agent()).create(rref_id, fork), fn, args, kwargs)
 
 
+@pinned
 @async_execution
 def _fetch_value(rref_id: RRefId) -> Future[Any]:
     """On the owner: the value's Future; the reply is sent when it completes."""
@@ -787,12 +791,14 @@ def _type_of(value: Future[Any]) -> type:
     return type(value.value())
 
 
+@pinned
 @async_execution
 def _value_type(rref_id: RRefId) -> Future[type]:
     """On the owner: the Future of the value's type."""
     return _owners(_context.require_agent()).awaited_value(rref_id).then(_type_of)
 
 
+@pinned
 @async_execution
 def _has_attribute(rref_id: RRefId, name: str) -> Future[bool]:
     """On the owner: whether the value has attribute ``name``."""
@@ -800,6 +806,7 @@ def _has_attribute(rref_id: RRefId, name: str) -> Future[bool]:
     return value.then(lambda done: hasattr(done.value(), name))
 
 
+@pinned
 @async_execution
 def _invoke(
     rref: RRef[Any], name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -832,14 +839,17 @@ def _invoke(
     return result
 
 
+@pinned
 def _fail_creation(rref_id: RRefId, fork: ForkId, error: BaseException) -> None:
     _owners(_context.require_agent()).fail_creation(tuple(rref_id), tuple(fork), error)  # type: ignore[arg-type]
 
 
+@pinned
 def _add_fork(rref_id: RRefId, fork: ForkId) -> None:
     _owners(_context.require_agent()).add_fork(rref_id, fork)
 
 
+@pinned
 def _release_forks(forks: list[tuple[RRefId, ForkId]]) -> None:
     agent = _context.current_agent()
     if agent is None:  # a release read while this worker shuts down: its values are gone

@@ -40,6 +40,7 @@ from typing import Any, Final, TypeAlias
 
 from thenable.rpc import _context
 from thenable.rpc._errors import RemoteError, SerializationError
+from thenable.rpc._handlers import pinned
 
 __all__ = [
     "ATOMS",
@@ -100,6 +101,7 @@ def _carrier(source: Any) -> bytearray | pickle.PickleBuffer:
     return pickle.PickleBuffer(source)
 
 
+@pinned
 def _rebuild_block(buffer: Any) -> memoryview:
     """Receiver side of :class:`_Block`: the shared memory block as a writable view."""
     return _writable(buffer)
@@ -123,6 +125,7 @@ class _Block:
         return (_rebuild_block, (_carrier(self.source),))
 
 
+@pinned
 def _rebuild_storage(buffer: Any) -> Any:
     """Receiver side of a torch storage block: an UntypedStorage over the received bytes."""
     import torch  # the receiver may not have imported it yet
@@ -175,6 +178,7 @@ _TRIM_MIN_WASTE: Final = 1 << 18  # re-pickle to trim blocks only if this many b
 _TRIM_ALIGN: Final = 64  # trimmed blocks start on a multiple of this many bytes of the region
 
 
+@pinned
 def _rebuild_ndarray(
     block: memoryview, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], dtype: Any
 ) -> Any:
@@ -210,6 +214,7 @@ def _ndarray_address(array: Any) -> int:
     return address
 
 
+@pinned
 def _rebuild_tensor(
     storage: Any,
     dtype_name: str,
@@ -229,6 +234,7 @@ def _rebuild_tensor(
     return tensor
 
 
+@pinned
 def _rebuild_requiring_grad(tensor: Any) -> Any:
     """Receiver side of a sparse (or other non-strided) tensor that requires grad."""
     tensor.requires_grad_(True)
@@ -236,6 +242,7 @@ def _rebuild_requiring_grad(tensor: Any) -> Any:
     return tensor
 
 
+@pinned
 def _rebuild_small_tensor(
     data: bytearray,
     dtype_name: str,
@@ -644,6 +651,7 @@ def loads(header: _Buffer, buffers: Iterable[_Buffer] = ()) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
+@pinned
 def _rebuild_packed_exception(
     type_name: str, message: str, traceback_text: str, payload: bytes | None, reason: str
 ) -> _PackedException:

@@ -27,6 +27,7 @@ from typing import Any
 
 from thenable import _recorder, _trace, _trace_file
 from thenable.rpc._agent import Agent
+from thenable.rpc._handlers import pinned
 
 __all__ = [
     "after_shutdown_barrier",
@@ -102,6 +103,7 @@ def measure_clock(agent: Agent, rank: int) -> list[int]:
 # -- on the other workers ------------------------------------------------------------------------
 
 
+@pinned
 def _clock() -> int:
     """(RPC) This worker's trace clock."""
     return _recorder.now()
@@ -111,6 +113,7 @@ _REMOTE_LOCK = threading.Lock()
 _remote: _recorder.Capture | None = None
 
 
+@pinned
 def _start_here(capacity: int) -> None:
     """(notification) Start recording here, for a trace started on another worker."""
     global _remote
@@ -124,6 +127,7 @@ def _start_here(capacity: int) -> None:
         _remote = capture
 
 
+@pinned
 def _stop_here() -> dict[str, Any]:
     """(RPC) Stop the recording ``_start_here`` began; return this worker's part."""
     global _remote
@@ -161,12 +165,14 @@ def started(agent: Agent) -> None:
         _LOGGER.warning("trace: rank 0 will not merge this worker's part: %s", exc)
 
 
+@pinned
 def _announce(rank: int) -> None:
     """(RPC, on rank 0) Worker ``rank`` traces: wait for its part at shutdown."""
     with _JOB_LOCK:
         _EXPECTED.add(rank)
 
 
+@pinned
 def _deliver(rank: int, part: dict[str, Any]) -> None:
     """(RPC, on rank 0) Keep a worker's part for the merged trace."""
     with _JOB_LOCK:

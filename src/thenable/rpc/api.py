@@ -25,6 +25,7 @@ from thenable.rpc._api import (
     shutdown,
 )
 from thenable.rpc._errors import RpcTimeoutError
+from thenable.rpc._handlers import pinned
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc._rref import RRef, agent_timeout
 from thenable.rpc.functions import async_execution
@@ -162,6 +163,7 @@ def _gathers(agent: Agent) -> _Gathers:
         return gathers
 
 
+@pinned
 @async_execution
 def _gather_at_leader(
     names: frozenset[str], sequence: int, name: str, obj: Any
