@@ -88,9 +88,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-# The helpers of the RPC benchmark (this directory is sys.path[0] when run as a script, and the
+# The benchmarks' shared helpers (this directory is sys.path[0] when run as a script, and the
 # spawned children inherit the parent's sys.path).
-from bench_rpc import _environment, _free_port, _plain, _reap, _Reporter, _tail
+import _launch
+import _report
 
 BACKENDS = ("torch", "thenable")
 WORKLOADS = ("ps-bag", "ps", "pipeline")
@@ -326,7 +327,7 @@ def _child_main(
     os.dup2(log.fileno(), 1)  # C++ logging and Python warnings go to the run's log file
     os.dup2(log.fileno(), 2)
     faulthandler.dump_traceback_later(cfg.timeout_s - min(10.0, 0.2 * cfg.timeout_s), exit=True)
-    rep = _Reporter(q, rank)
+    rep = _launch.Reporter(q, rank)
     try:
         if cfg.backend == "torch":
             os.environ.setdefault("TP_SOCKET_IFNAME", "lo")  # TensorPipe's TCP on loopback
@@ -398,7 +399,7 @@ class _Phases:
 def _timed_steps(
     step: Callable[[int, _Phases], float],
     cfg: RunConfig,
-    rep: _Reporter,
+    rep: _launch.Reporter,
     checksum: Callable[[], float],
     trainer_barrier: Any,
 ) -> None:
@@ -454,7 +455,7 @@ def _check_local_gradients(dist_autograd: ModuleType, cid: int, params: Sequence
 
 
 def _train_ps(
-    stack: Stack, cfg: RunConfig, rank: int, rep: _Reporter, trainer_barrier: Any
+    stack: Stack, cfg: RunConfig, rank: int, rep: _launch.Reporter, trainer_barrier: Any
 ) -> None:
     import torch
     import torch.nn.functional as F
@@ -506,7 +507,9 @@ def _train_ps(
     _timed_steps(step, cfg, rep, checksum, trainer_barrier)
 
 
-def _train_pipeline(stack: Stack, cfg: RunConfig, rep: _Reporter, trainer_barrier: Any) -> None:
+def _train_pipeline(
+    stack: Stack, cfg: RunConfig, rep: _launch.Reporter, trainer_barrier: Any
+) -> None:
     import torch
     import torch.nn.functional as F
     from torch import optim
@@ -617,13 +620,13 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> RunResult:
         elif kind == "done":
             finished.add(rank)
     result.wall_s = perf() - t0
-    _reap(procs, grace_s=1.0 if len(finished) < cfg.world_size else 15.0)
+    _launch.reap(procs, grace_s=1.0 if len(finished) < cfg.world_size else 15.0)
     for r, p in enumerate(procs):
         if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
             result.errors.append(f"rank {r} exit code {p.exitcode}")
     if result.errors:
         for r, path in enumerate(logs):
-            tail = _tail(path)
+            tail = _launch.tail(path)
             if "Timeout (" in tail:  # faulthandler's header: the process hung, stacks follow
                 result.errors.insert(
                     0, f"rank {r} ran past its time limit (hung or too slow): stacks in its log"
@@ -732,7 +735,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                     backend=b,
                     workload=config.workload,
                     trainers=config.trainers,
-                    port=_free_port(),
+                    port=_launch.free_port(),
                     steps=args.steps,
                     warmup=args.warmup,
                     threads=config.threads,
@@ -760,18 +763,6 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
     return col
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    ok = [v for v in values if v is not None]
-    return statistics.median(ok) if ok else None
-
-
-def _worst(values: Sequence[float | None], larger_is_worse: bool = True) -> float | None:
-    ok = [v for v in values if v is not None]
-    if not ok:
-        return None
-    return max(ok) if larger_is_worse else min(ok)
-
-
 def _spread(values: Sequence[float | None]) -> float | None:
     """The slowest round over the fastest."""
     ok = [v for v in values if v is not None and v > 0]
@@ -796,10 +787,10 @@ def phase_table(col: Collected, cfgs: Sequence[Config]) -> tuple[list[str], list
                 [
                     config.label() if phase == PHASES[0] else "",
                     phase,
-                    _fmt_ms(_median(col.phase(config, "torch", phase))),
-                    _fmt_ms(_median(col.phase(config, "thenable", phase))),
-                    _fmt_ratio(_median(ratios)),
-                    _fmt_ratio(_worst(ratios)),
+                    _fmt_ms(_report.median(col.phase(config, "torch", phase))),
+                    _fmt_ms(_report.median(col.phase(config, "thenable", phase))),
+                    _fmt_ratio(_report.median(ratios)),
+                    _fmt_ratio(_report.worst(ratios)),
                     " ".join(_fmt_ratio(r) for r in ratios) or "-",
                 ]
             )
@@ -823,10 +814,10 @@ def job_table(col: Collected, cfgs: Sequence[Config]) -> tuple[list[str], list[l
         rows.append(
             [
                 config.label(),
-                _fmt_ms(_median(torch_rate)),
-                _fmt_ms(_median(our_rate)),
-                _fmt_ratio(_median(ratios)),
-                _fmt_ratio(_worst(ratios, larger_is_worse=False)),
+                _fmt_ms(_report.median(torch_rate)),
+                _fmt_ms(_report.median(our_rate)),
+                _fmt_ratio(_report.median(ratios)),
+                _fmt_ratio(_report.worst(ratios, larger_is_worse=False)),
                 _fmt_ratio(_spread(col.phase(config, "torch", "whole"))),
                 _fmt_ratio(_spread(col.phase(config, "thenable", "whole"))),
             ]
@@ -935,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log_dir = Path(tempfile.mkdtemp(prefix="bench_autograd_logs_"))
     with busy_processes(args.busy):
-        env_before = _environment()
+        env_before = _report.environment()
         print(f"bench_autograd: thenable vs torch RPC training stacks; {env_before}", flush=True)
         print(
             f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps, "
@@ -947,13 +938,13 @@ def main(argv: list[str] | None = None) -> int:
         t_start = perf()
         col = run_all(args, log_dir)
         elapsed = perf() - t_start
-        env_after = _environment()
+        env_after = _report.environment()
 
     cfgs = configs(args)
     print()
-    print(_plain(*phase_table(col, cfgs)))
+    print(_report.plain(*phase_table(col, cfgs)))
     print()
-    print(_plain(*job_table(col, cfgs)))
+    print(_report.plain(*job_table(col, cfgs)))
     print(
         "\nms: a phase's mean over a run's steps (and trainers), median over rounds; "
         "thenable/torch: per-round ratios (same round), their median and the worst round; "

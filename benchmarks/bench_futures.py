@@ -153,10 +153,6 @@ def _timed(run: Runner, n: int, gc_off: bool) -> tuple[int, int]:
         gc.enable()
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     if len(values) < 2:
         only = values[0] if values else math.nan
@@ -784,7 +780,7 @@ def _report_ops(ops: list[OpBench]) -> tuple[str, int, int]:
     passed = missed = 0
     for op in ops:
         th = op.thenable.samples
-        th_ns = _median(th)
+        th_ns = statistics.median(th)
         for peer in op.peers:
             target = "-" if peer.target is None else f"<= {peer.target:.2f}"
             if peer.contender is None:
@@ -795,7 +791,7 @@ def _report_ops(ops: list[OpBench]) -> tuple[str, int, int]:
                 )  # fmt: skip
                 continue
             ratios = [a / b for a, b in zip(th, peer.contender.samples, strict=True)]
-            ratio = _median(ratios)
+            ratio = statistics.median(ratios)
             low, high = min(ratios), max(ratios)
             verdict = _verdict(high, peer.target)  # the worst round decides
             passed += verdict == "PASS"
@@ -805,7 +801,7 @@ def _report_ops(ops: list[OpBench]) -> tuple[str, int, int]:
                     f"{op.label} [ns/{op.unit}]",
                     _fmt_ns(th_ns),
                     peer.name,
-                    _fmt_ns(_median(peer.contender.samples)),
+                    _fmt_ns(statistics.median(peer.contender.samples)),
                     f"{ratio:.3f}",
                     f"{low:.2f}-{high:.2f}",
                     f"{high:.3f}",
@@ -831,7 +827,7 @@ def _report_parallel(benches: list[ParallelBench], has_torch: bool) -> tuple[str
     rows: list[list[str]] = []
     passed = missed = 0
     for bench in benches:
-        serial_ms = _median(bench.serial) / 1e6
+        serial_ms = statistics.median(bench.serial) / 1e6
         names = list(bench.forked)
         if not has_torch:
             names.append("torch.jit.fork (eager)")
@@ -845,7 +841,7 @@ def _report_parallel(benches: list[ParallelBench], has_torch: bool) -> tuple[str
                 )  # fmt: skip
                 continue
             speedups = [s / p for s, p in zip(bench.serial, times, strict=True)]
-            speedup = _median(speedups)
+            speedup = statistics.median(speedups)
             low, high = _quartiles(speedups)
             verdict = _verdict(speedup, target, at_least=True)
             passed += verdict == "PASS"
@@ -855,7 +851,7 @@ def _report_parallel(benches: list[ParallelBench], has_torch: bool) -> tuple[str
                     bench.label,
                     f"{serial_ms:.1f}",
                     name,
-                    f"{_median(times) / 1e6:.1f}",
+                    f"{statistics.median(times) / 1e6:.1f}",
                     f"{speedup:.2f}x",
                     f"{low:.2f}-{high:.2f}",
                     "-" if target is None else f">= {target:.1f}x",

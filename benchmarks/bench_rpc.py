@@ -63,11 +63,9 @@ import faulthandler
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue
 import resource
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -79,7 +77,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
-import rpc_floor  # (beside this script)
+import _launch  # (beside this script, as the next two)
+import _report
+import rpc_floor
 
 T = TypeVar("T")
 
@@ -198,28 +198,6 @@ class GroupResult:
 # -- the child processes ------------------------------------------------------------------------
 
 
-class _Reporter:
-    """Sends (rank, kind, payload) tuples to the parent and remembers the current phase."""
-
-    def __init__(self, q: Any, rank: int) -> None:
-        self.q = q
-        self.rank = rank
-        self.phase = "start"
-
-    def enter(self, phase: str) -> None:
-        self.phase = phase
-        self.q.put((self.rank, "phase", phase))
-
-    def value(self, name: str, value: float) -> None:
-        self.q.put((self.rank, "value", (name, float(value))))
-
-    def error(self, text: str) -> None:
-        self.q.put((self.rank, "error", f"rank {self.rank}, during {self.phase}: {text}"))
-
-    def done(self) -> None:
-        self.q.put((self.rank, "done", None))
-
-
 def _load_backend(cfg: RunConfig) -> tuple[ModuleType, Callable[[list[Any]], Any]]:
     """The ``rpc`` module of the backend and its ``wait_all``."""
     if cfg.backend == "thenable":
@@ -254,7 +232,7 @@ def _child_main(cfg: RunConfig, rank: int, barrier: Any, q: Any, log_path: str) 
     os.dup2(log.fileno(), 2)
     # A hang dumps every thread's stack into the log and exits, before the parent's kill.
     faulthandler.dump_traceback_later(cfg.timeout_s - min(10.0, 0.2 * cfg.timeout_s), exit=True)
-    rep = _Reporter(q, rank)
+    rep = _launch.Reporter(q, rank)
     try:
         if cfg.backend == "torch":
             os.environ.setdefault("TP_SOCKET_IFNAME", "lo")  # TensorPipe's TCP on loopback
@@ -318,7 +296,7 @@ def _each_op(fn: Callable[[], object], n: int) -> float:
 
 
 def _measure_pair(
-    rpc: ModuleType, wait_all: Callable[[list[Any]], Any], cfg: RunConfig, rep: _Reporter
+    rpc: ModuleType, wait_all: Callable[[list[Any]], Any], cfg: RunConfig, rep: _launch.Reporter
 ) -> None:
     """Rank 0 of a pair: the main metrics, each after its warm-up, against rank 1."""
     import torch
@@ -421,7 +399,7 @@ def _measure_all_to_all(
     wait_all: Callable[[list[Any]], Any],
     cfg: RunConfig,
     rank: int,
-    rep: _Reporter,
+    rep: _launch.Reporter,
 ) -> None:
     """Every rank: rpc_async a no-op to every other rank, wait_all; the median round time."""
     others = [f"w{r}" for r in range(cfg.world_size) if r != rank]
@@ -436,21 +414,6 @@ def _measure_all_to_all(
 
 
 # -- the parent: start, watch and collect a group -------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:])
 
 
 def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
@@ -518,13 +481,13 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
     for values in result.values.values():
         if "ready_at" in values:
             values["start_to_ready_s"] = values.pop("ready_at") - start_wall
-    _reap(procs, grace_s=1.0 if timed_out else 15.0)
+    _launch.reap(procs, grace_s=1.0 if timed_out else 15.0)
     for r, p in enumerate(procs):
         if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
             result.errors.append(f"rank {r} exit code {p.exitcode}")
     if result.errors:
         for r, path in enumerate(logs):
-            tail = _tail(path)
+            tail = _launch.tail(path)
             if "Timeout (" in tail:  # faulthandler's header: the process hung, stacks follow
                 result.errors.insert(
                     0,
@@ -536,21 +499,6 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
         q.close()
         q.cancel_join_thread()
     return result
-
-
-def _reap(procs: Sequence[Any], grace_s: float) -> None:
-    """Join, then terminate, then kill: nothing outlives its run."""
-    end = perf() + grace_s
-    for p in procs:
-        p.join(timeout=max(0.1, end - perf()))
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=3.0)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=3.0)
 
 
 # -- the schedule ---------------------------------------------------------------------------------
@@ -594,7 +542,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                 backend=b,
                 mode="pair",
                 world_size=2,
-                port=_free_port(),
+                port=_launch.free_port(),
                 iters=iters,
                 payload_sweep=not args.skip_scale,
                 tcp_only=args.tcp_only,
@@ -619,7 +567,7 @@ def run_all(args: argparse.Namespace, log_dir: Path) -> Collected:
                     backend=b,
                     mode="scale",
                     world_size=ws,
-                    port=_free_port(),
+                    port=_launch.free_port(),
                     iters=iters,
                     payload_sweep=False,
                     tcp_only=args.tcp_only,
@@ -715,10 +663,6 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{v:.2f}"
 
 
-def _median(values: Sequence[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def _pair_value(res: GroupResult, key: str) -> float | None:
     if key == "init_s":
         return res.max_over_ranks("init_s")
@@ -801,8 +745,8 @@ def main_table(col: Collected) -> tuple[list[str], list[list[str]], list[bool | 
     for m in METRICS:
         t_vals = [_pair_value(r, m.key) for r in col.pair["thenable"]]
         p_vals = [_pair_value(r, m.key) for r in col.pair["torch"]]
-        t_med = _median([v for v in t_vals if v is not None])
-        p_med = _median([v for v in p_vals if v is not None])
+        t_med = _report.median(t_vals)
+        p_med = _report.median(p_vals)
         torch_cells, ok = _ratio_verdict(_round_ratios(t_vals, p_vals), m.kind, m.target)
         verdicts.append(ok)
         if m.floor is None:
@@ -810,7 +754,7 @@ def main_table(col: Collected) -> tuple[list[str], list[list[str]], list[bool | 
         else:
             f_vals = [f.get(m.floor) for f in col.floor]
             f_unit = "us" if m.floor.endswith("_s") else "GB/s"
-            floor_text = _fmt(_median([v for v in f_vals if v is not None]), f_unit) + f" {f_unit}"
+            floor_text = _fmt(_report.median(f_vals), f_unit) + f" {f_unit}"
             # A rate of calls against the ping-pong's time: compare the time per call.
             kind = "time" if m.unit == "calls/s" else m.kind
             ratios = [
@@ -858,7 +802,7 @@ def payload_table(col: Collected) -> tuple[list[str], list[list[str]], dict[str,
     for size in PAYLOAD_SIZES:
         key = f"payload_s:{size}"
         per_b = {b: [r.rank0(key) for r in col.pair[b]] for b in BACKENDS}
-        meds = {b: _median([v for v in per_b[b] if v is not None]) for b in BACKENDS}
+        meds = {b: _report.median(per_b[b]) for b in BACKENDS}
         for b in BACKENDS:
             series[b].append(math.nan if meds[b] is None else meds[b] or math.nan)
         ratios = _round_ratios(per_b["thenable"], per_b["torch"])
@@ -911,7 +855,7 @@ def scale_table(
             per_b = {
                 b: [r.max_over_ranks(key) for r in col.scale.get((b, ws), [])] for b in BACKENDS
             }
-            meds = {b: _median([v for v in per_b[b] if v is not None]) for b in BACKENDS}
+            meds = {b: _report.median(per_b[b]) for b in BACKENDS}
             for b in BACKENDS:
                 series[b][key].append(math.nan if meds[b] is None else meds[b] or math.nan)
             ratios = _round_ratios(per_b["thenable"], per_b["torch"])
@@ -931,14 +875,6 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _plain(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
 
 
 # -- charts ---------------------------------------------------------------------------------------
@@ -1026,20 +962,6 @@ def _plot_backends(ax: Any, xs: Sequence[int], seconds: dict[str, list[float]]) 
 # -- main -----------------------------------------------------------------------------------------
 
 
-def _environment() -> str:
-    try:
-        import torch
-
-        torch_version = str(torch.__version__)
-    except ImportError:
-        torch_version = "not installed"
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return (
-        f"Python {platform.python_version()}, torch {torch_version}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
@@ -1083,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(__file__).resolve().parent.parent / "docs"
     log_dir = Path(tempfile.mkdtemp(prefix="bench_rpc_logs_"))
 
-    env_before = _environment()
+    env_before = _report.environment()
     print(f"bench_rpc: thenable.rpc vs torch.distributed.rpc; {env_before}", flush=True)
     print(
         f"{args.rounds} rounds, alternating order; logs of the worker processes in {log_dir}",
@@ -1092,12 +1014,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = perf()
     col = run_all(args, log_dir)
     elapsed = perf() - t_start
-    env_after = _environment()
+    env_after = _report.environment()
 
     header, rows, verdicts = main_table(col)
     sections_md: list[str] = []
     print()
-    print(_plain(header, rows))
+    print(_report.plain(header, rows))
     sections_md.append(_markdown(header, rows))
 
     payload_series: dict[str, list[float]] | None = None
@@ -1106,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_scale:
         p_header, p_rows, payload_series = payload_table(col)
         print("\nLatency of an rpc_sync echo vs payload (median; GB/s counts both ways):")
-        print(_plain(p_header, p_rows))
+        print(_report.plain(p_header, p_rows))
         sections_md.append(
             "Latency of an `rpc_sync` echo of a uint8 tensor vs its size (median over rounds; "
             "GB/s counts the bytes both ways):\n\n" + _markdown(p_header, p_rows)
@@ -1116,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
             "\ninit_rpc, spawn->ready and an all-to-all round of no-ops vs world size "
             "(max over ranks; spawn->ready includes start-up and imports):"
         )
-        print(_plain(s_header, s_rows))
+        print(_report.plain(s_header, s_rows))
         sections_md.append(
             "`init_rpc` (all ranks released together by a barrier, max over ranks), spawn->ready "
             "(from starting the processes to the last rank returned from `init_rpc`: includes "

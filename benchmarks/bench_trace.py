@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 import timeit
 from collections.abc import Callable
 from typing import Any
+
+import _launch  # (beside this script)
 
 import thenable
 from thenable import _recorder, rpc
@@ -172,13 +173,6 @@ def _serve() -> None:
     rpc.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _check_cost_ns() -> float:
     """What one untraced check of ``_recorder.recording`` costs, in ns (over a no-op)."""
     recorder = _recorder
@@ -196,7 +190,7 @@ def _check_cost_ns() -> float:
 
 
 def bench_rpc(rounds: int) -> None:
-    port = str(_free_port())
+    port = str(_launch.free_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     env.pop("THENABLE_TRACE", None)
     callee = subprocess.Popen([sys.executable, __file__, "--serve"], env=env)

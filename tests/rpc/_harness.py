@@ -181,12 +181,17 @@ def report(what: str, **numbers: Any) -> None:
     print(f"\n[measured] {what}: {shown}")
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A TCP port of 127.0.0.1 that is free right now (in ``[low, high]`` if given)."""
+    for port in range(low, high + 1) if low else [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = probe.getsockname()[1]
+            return chosen
+    raise AssertionError(f"no free port in {low}..{high}")
 
 
 # -- the worker side ----------------------------------------------------------------------------

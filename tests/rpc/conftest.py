@@ -52,13 +52,22 @@ def no_worker_left_behind() -> Iterator[None]:
     assert not left, f"worker processes left running: {left}"
 
 
-def running_group(size: int, rpc_timeout: float = 30.0) -> Iterator[Group]:
-    """A Group of ``size`` workers with RPC up, for module-scoped fixtures: yields it, then
-    shuts RPC down and asserts that every worker exits cleanly."""
+def running_group(size: int, rpc_timeout: float = 30.0, **options: Any) -> Iterator[Group]:
+    """A Group of ``size`` workers with RPC up (``options``: more ``init_worker`` arguments),
+    for module-scoped fixtures: yields it, then shuts RPC down and asserts that every worker
+    exits cleanly."""
     import _remote_fns as fns
 
     with Group(size) as group:
-        group.init_all(fns.init_worker, rpc_timeout=rpc_timeout)
+        group.init_all(fns.init_worker, rpc_timeout=rpc_timeout, **options)
         yield group
         group.call_all(fns.shutdown_if_running)
         group.close()
+
+
+@pytest.fixture(scope="module")
+def group(request: pytest.FixtureRequest) -> Iterator[Group]:
+    """The module's group of workers with RPC up: ``GROUP_SIZE`` of them (3 if the module does
+    not say), started with the module's ``GROUP_OPTIONS`` (``init_worker`` arguments)."""
+    size = getattr(request.module, "GROUP_SIZE", 3)
+    yield from running_group(size, **getattr(request.module, "GROUP_OPTIONS", {}))

@@ -4,7 +4,6 @@ torch's (catchable as RuntimeError); a worker lost during backward fails it prom
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import _autograd_fns as ag
@@ -12,12 +11,9 @@ import _remote_fns as fns
 import pytest
 import torch
 from _harness import Failure, Group
-from conftest import GroupFactory, running_group
+from conftest import GroupFactory
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(4)
+GROUP_SIZE = 4
 
 
 def _assert_equal_pairs(pairs: list[tuple[Any, Any]], *, exact: bool = True) -> None:

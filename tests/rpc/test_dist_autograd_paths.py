@@ -6,19 +6,14 @@ come back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import _autograd_paths_fns as paths
 import pytest
 import torch
 from _harness import Group
-from conftest import running_group
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(3)
+GROUP_SIZE = 3
 
 
 @pytest.mark.parametrize(

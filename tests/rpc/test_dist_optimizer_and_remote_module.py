@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import _autograd_fns as ag
 import pytest
 import torch
 from _harness import Failure, Group
-from conftest import running_group
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(4)
+GROUP_SIZE = 4
 
 
 def _assert_same(pairs: list[tuple[Any, Any]]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import operator
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,7 @@ from thenable import rpc
 WORKER1_TRACE = "Traceback from worker worker1 (rank 1)"
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    with Group(3) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
+GROUP_SIZE = 3
 
 
 def _is(failure: Any, cls: type[BaseException], *fragments: str) -> Failure:

@@ -6,10 +6,7 @@ runs the async functions (which call worker2), and the nested handlers call back
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import _remote_fns as fns
-import pytest
 from _harness import Group
 
 PATTERNS = (
@@ -25,12 +22,8 @@ PATTERNS = (
 )
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    with Group(3) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0, num_worker_threads=1)
-        yield group
-        group.call_all(fns.shutdown_if_running)
+GROUP_SIZE = 3
+GROUP_OPTIONS = {"num_worker_threads": 1}
 
 
 def test_async_execution_patterns_with_plain_numbers(group: Group) -> None:

@@ -6,17 +6,11 @@ is logged on the callee (once, naming the worker and the function) and raised on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import _callee_fns as fns
 import pytest
 from _harness import Failure, Group
-from conftest import running_group
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(2)
+GROUP_SIZE = 2
 
 
 @pytest.mark.parametrize("tag", ["sync", "async_execution", "remote"])

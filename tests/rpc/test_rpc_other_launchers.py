@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from _harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
@@ -44,19 +44,6 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
     env.update(extra)
     return env
-
-
-def _free_port(low: int = 0, high: int = 0) -> int:
-    """A free TCP port of 127.0.0.1 (in [low, high] if given)."""
-    for port in range(low, high + 1) if low else [0]:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen: int = probe.getsockname()[1]
-            return chosen
-    raise AssertionError(f"no free port in {low}..{high}")
 
 
 def _run_all(commands: Sequence[tuple[list[str], dict[str, str]]]) -> list[tuple[int, str]]:
@@ -109,7 +96,7 @@ def _ring(tmp_path: Path, rank_variable: str) -> str:
 def test_torchrun_runs_the_demo() -> None:
     """torchrun's agent holds MASTER_PORT with its store; the workers join through it."""
     pytest.importorskip("torch")
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3"]
     command += ["--master-port", str(port), str(ROOT / "examples" / "async_execution.py")]
     [(code, output)] = _run_all([(command, _clean_env())])
@@ -137,7 +124,7 @@ def test_a_process_group_and_rpc_share_master_port(tmp_path: Path) -> None:
         dist.destroy_process_group()
         """,
     )
-    port = str(_free_port())
+    port = str(free_port())
     runs = [
         (
             [sys.executable, script],
@@ -154,7 +141,7 @@ def test_a_process_group_and_rpc_share_master_port(tmp_path: Path) -> None:
 def test_slurm_variables_alone_give_the_master(tmp_path: Path) -> None:
     """srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_JOB_NODELIST/SLURM_JOB_ID, no MASTER_*:
     the master is the node list's first host, its port 15000 + the job id's last 4 digits."""
-    port = _free_port(15000, 24999)
+    port = free_port(15000, 24999)
     job_id = str(1_000_000 + port - 15000)  # its last four digits give the port
     script = _ring(tmp_path, "SLURM_PROCID")
     runs = [
@@ -177,7 +164,7 @@ def test_slurm_variables_alone_give_the_master(tmp_path: Path) -> None:
 def test_open_mpi_variables_give_rank_and_world_size(tmp_path: Path) -> None:
     """mpirun sets OMPI_COMM_WORLD_RANK/OMPI_COMM_WORLD_SIZE; MASTER_ADDR/MASTER_PORT are
     passed with ``-x`` (here: set directly)."""
-    port = str(_free_port())
+    port = str(free_port())
     script = _ring(tmp_path, "OMPI_COMM_WORLD_RANK")
     runs = [
         (

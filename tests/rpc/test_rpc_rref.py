@@ -6,22 +6,15 @@ that nothing outlives RPC.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import _remote_fns as fns
-import pytest
 from _harness import Failure, Group
 
 COUNTER_ON_1 = {"is_owner": False, "owner": ("worker1", 1), "owner_name": "worker1"}
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    with Group(3) as group:
-        group.init_all(fns.init_worker, rpc_timeout=30.0)
-        yield group
-        group.call_all(fns.shutdown_if_running)
+GROUP_SIZE = 3
 
 
 def _failure(value: Any, type_name: str, *fragments: str) -> None:

@@ -8,18 +8,13 @@ One group of four workers; worker0 makes the calls and worker1 owns the values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import _rref_order_fns as orders
 import pytest
 from _harness import Failure, Group
-from conftest import running_group
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(4)
+GROUP_SIZE = 4
 
 
 def test_owner_reads_wait_for_a_creation_still_running(group: Group) -> None:

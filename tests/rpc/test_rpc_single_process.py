@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from _harness import free_port
 
 from thenable import rpc
 
@@ -20,16 +20,9 @@ def _blocked_for_a_while() -> str:
     return "late"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def solo() -> Iterator[None]:
-    options = rpc.RpcBackendOptions(init_method=f"tcp://127.0.0.1:{_free_port()}", rpc_timeout=10)
+    options = rpc.RpcBackendOptions(init_method=f"tcp://127.0.0.1:{free_port()}", rpc_timeout=10)
     rpc.init_rpc("solo", rank=0, world_size=1, rpc_backend_options=options)
     try:
         yield

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import _compat_fns as compat
 import pytest
 from _harness import Failure, Group
-from conftest import running_group
 
 from thenable import rpc
 
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(3)
+GROUP_SIZE = 3
 
 
 def _is(

@@ -7,12 +7,10 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
-from collections.abc import Iterator
 
 import _wire_fns as fns
 import pytest
 from _harness import Group
-from conftest import running_group
 
 import thenable.autograd
 import thenable.rpc
@@ -55,9 +53,7 @@ def test_public_classes_travel_by_their_public_path(package: object) -> None:
     assert repr(thenable.autograd.BackwardError) == "<class 'thenable.autograd.BackwardError'>"
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[Group]:
-    yield from running_group(2)
+GROUP_SIZE = 2
 
 
 def test_messages_of_every_kind_name_no_private_module(group: Group) -> None:
