@@ -6,6 +6,8 @@ import array
 import ctypes
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -19,6 +21,7 @@ from thenable.rpc._protocol import (
     MAX_BUFFERS,
     MIN_FRAME_BYTES,
     PROTOCOL_VERSION,
+    Allocate,
     AuthenticationError,
     Connection,
     ConnectionClosed,
@@ -72,10 +75,18 @@ def _pump(a: Connection, b: Connection, a_out: bytes, b_out: bytes) -> tuple[lis
 
 
 def _open_pair(
-    key_a: bytes | None = KEY, key_b: bytes | None = KEY, max_frame_bytes: int = 1 << 30
+    key_a: bytes | None = KEY,
+    key_b: bytes | None = KEY,
+    max_frame_bytes: int = 1 << 30,
+    allocate: Allocate = _recycled.allocate,  # the transport's
 ) -> tuple[Connection, Connection]:
-    a = Connection(key=key_a, identity=b"worker-a", max_frame_bytes=max_frame_bytes)
-    b = Connection(key=key_b, identity=b"worker-b", max_frame_bytes=max_frame_bytes)
+    """Two ends after the handshake, receiving into memory from ``allocate``."""
+    a = Connection(
+        key=key_a, identity=b"worker-a", max_frame_bytes=max_frame_bytes, allocate=allocate
+    )
+    b = Connection(
+        key=key_b, identity=b"worker-b", max_frame_bytes=max_frame_bytes, allocate=allocate
+    )
     events_a, events_b = _pump(a, b, a.initiate(), b.initiate())
     assert events_a == [HandshakeComplete(b"worker-b")]
     assert events_b == [HandshakeComplete(b"worker-a")]
@@ -487,37 +498,29 @@ def test_over_a_real_socket_with_sendmsg_and_recv_into() -> None:
 # -- limits and truncation -----------------------------------------------------------------
 
 
-def _no_allocation(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
+def _open_pair_counting_allocations(max_frame_bytes: int = 1 << 30) -> tuple[Connection, list[int]]:
+    """An open connection; the list records payload allocations made from now on."""
+    allocations: list[int] = []
 
     def allocate(nbytes: int) -> bytearray:
-        calls.append(nbytes)
+        allocations.append(nbytes)
         return bytearray(nbytes)
 
-    monkeypatch.setattr(_protocol, "_allocate", allocate)
-    return calls
-
-
-def _open_pair_counting_allocations(
-    monkeypatch: pytest.MonkeyPatch, max_frame_bytes: int = 1 << 30
-) -> tuple[Connection, list[int]]:
-    """An open connection; the list records payload allocations made from now on."""
-    allocations = _no_allocation(monkeypatch)
-    a, _ = _open_pair(max_frame_bytes=max_frame_bytes)
+    a, _ = _open_pair(max_frame_bytes=max_frame_bytes, allocate=allocate)
     allocations.clear()  # the handshake's AUTH frames
     return a, allocations
 
 
-def test_oversized_header_length_fails_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
-    a, allocations = _open_pair_counting_allocations(monkeypatch)
+def test_oversized_header_length_fails_before_allocating() -> None:
+    a, allocations = _open_pair_counting_allocations()
     _feed(a, _frame(MessageKind.REQUEST, header_len=2**62))
     with pytest.raises(ProtocolError, match="exceeds max_frame_bytes"):
         a.next_event()
     assert allocations == []
 
 
-def test_oversized_buffer_lengths_fail_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
-    a, allocations = _open_pair_counting_allocations(monkeypatch, max_frame_bytes=1 << 20)
+def test_oversized_buffer_lengths_fail_before_allocating() -> None:
+    a, allocations = _open_pair_counting_allocations(max_frame_bytes=1 << 20)
     table = struct.pack("!2Q", 1 << 19, (1 << 19) + 1)
     _feed(a, _frame(MessageKind.REQUEST, nbuffers=2) + table)
     with pytest.raises(ProtocolError, match="exceeds max_frame_bytes=1048576"):
@@ -749,3 +752,20 @@ def test_payloads_too_big_to_keep_get_a_mapping_of_their_own_size(
     assert mapping.nbytes == 33 << 20
     del kept, mapping
     assert _recycled.pooled_bytes() == 0
+
+
+def test_the_protocol_module_is_pure() -> None:
+    """Loaded on its own, ``_protocol`` imports no socket, thread, memory-mapping or thenable
+    module: sans-IO, with the memory for payloads given by its user (``allocate``)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m', {_protocol.__file__!r})\n"
+        "before = set(sys.modules)\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m'] = m\n"
+        "spec.loader.exec_module(m)\n"
+        "new = set(sys.modules) - before - {'m'}\n"
+        "bad = sorted(n for n in new if n.split('.')[0] in "
+        "{'mmap', 'socket', '_socket', 'threading', 'selectors', 'thenable'})\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -27,12 +27,12 @@ import random
 import struct
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
-from thenable.rpc import _protocol, _recycled
+from thenable.rpc import _recycled
 from thenable.rpc._protocol import (
     MAX_BUFFERS,
     MIN_FRAME_BYTES,
@@ -103,6 +103,7 @@ def _receiver(keyed: bool, max_frame: int) -> tuple[Connection, bytes]:
         identity=_RX_IDENTITY,
         max_frame_bytes=max_frame,
         nonce=_RX_NONCE,
+        allocate=_recording_allocate,  # the transport's allocator, its sizes noted
     )
     return conn, conn.initiate()
 
@@ -310,20 +311,13 @@ def _mutate(rng: random.Random, stream: _Stream) -> tuple[bytes, bool]:
 
 # -- feeding -------------------------------------------------------------------------------
 
-_original_allocate = _protocol._allocate
 _largest_payload = [0]  # the largest payload the receiver allocated since the last reset
 
 
 def _recording_allocate(nbytes: int) -> bytearray | ctypes.Array[ctypes.c_ubyte]:
-    _largest_payload[0] = max(_largest_payload[0], nbytes)
-    return _original_allocate(nbytes)
-
-
-@pytest.fixture(autouse=True)
-def _record_payload_allocations(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every payload allocation is checked, including mappings that tracemalloc cannot see."""
-    monkeypatch.setattr(_protocol, "_allocate", _recording_allocate)
-    yield
+    _largest_payload[0] = max(_largest_payload[0], nbytes)
+    return _recycled.allocate(nbytes)
 
 
 @dataclass

@@ -73,8 +73,10 @@ asyncio, a fake link in tests) own the transport and call into a :class:`Connect
 # ---------
 # ``receive_data()`` only buffers; ``next_event()`` parses (like h11).  Small data is kept in
 # a bytearray with a read offset that is compacted now and then (no quadratic copying).  Once
-# a frame's lengths are known, the payload is allocated in one piece (a recycled anonymous
-# mapping for large payloads, see ``_recycled``) and the message's header and buffers are
+# a frame's lengths are known, the payload is allocated in one piece (by the allocator the
+# connection was given: the transport's lends recycled anonymous mappings for large payloads,
+# see ``_recycled``; this module reads no clock and maps no memory) and the message's header and
+# buffers are
 # memoryviews into it, writable and never copied again.  The receiver lays the parts out in
 # its allocation so that every buffer starts at a 64-byte aligned address (the wire carries
 # no padding), which arrays and tensors built on them need.  Bytes that arrive while a payload is
@@ -89,11 +91,9 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
-
-from thenable.rpc import _recycled
+from typing import Any, Final, TypeAlias
 
 __all__ = [
     "MAX_BUFFERS",
@@ -102,6 +102,7 @@ __all__ = [
     "MIN_FRAME_BYTES",
     "NONCE_BYTES",
     "PROTOCOL_VERSION",
+    "Allocate",
     "AuthenticationError",
     "Connection",
     "ConnectionClosed",
@@ -141,11 +142,6 @@ _MAC_BYTES: Final = hashlib.sha256().digest_size
 _AUTH_DOMAIN: Final = b"thenable-auth\x00v1\x00proof\x00"
 _MAX_U32: Final = (1 << 32) - 1
 _MAX_U64: Final = (1 << 64) - 1
-# Payloads of _recycled.MIN_BYTES or more live in recycled anonymous mappings (see that
-# module): a fresh mapping's pages cost nothing until data arrives (a peer's claim of a huge
-# frame commits no memory), and recycled ones are not faulted in again.  Smaller ones are
-# bytearrays: malloc recycles that memory itself (a 1 MiB echo over TCP ran 3x faster with
-# the threshold at 32 MiB than at 1 MiB).
 _ALIGN: Final = 64  # received buffers start at addresses that are multiples of this
 _DIRECT_READ_MIN: Final = 1 << 16  # lend the payload to recv_into only if this much is left
 _SCRATCH_BYTES: Final = 1 << 18  # default size of the get_buffer() staging area
@@ -173,8 +169,6 @@ class MessageKind(enum.IntEnum):
     """A one-way message; no reply is expected."""
     CONTROL = 5
     """Runtime housekeeping between agents (shutdown barrier, heartbeat, ...)."""
-    CONTROL_RESPONSE = 6
-    """The reply to a CONTROL message."""
 
 
 _MESSAGE_KINDS: Final = frozenset(kind.value for kind in MessageKind)
@@ -248,13 +242,8 @@ def _mac(key: bytes, prover_hello: bytes, verifier_hello: bytes) -> bytes:
 
 
 _Payload: TypeAlias = "bytearray | ctypes.Array[ctypes.c_ubyte]"
-
-
-def _allocate(nbytes: int) -> _Payload:
-    """A writable payload area: big ones are lent by ``_recycled``, small ones zeroed."""
-    if nbytes >= _recycled.MIN_BYTES:
-        return _recycled.lend(nbytes)
-    return bytearray(nbytes)
+Allocate: TypeAlias = Callable[[int], Any]
+"""Gives a writable buffer of (at least) that many bytes for a received payload."""
 
 
 def _address(buffer: _Payload) -> int:
@@ -262,21 +251,23 @@ def _address(buffer: _Payload) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-def _lay_out(header_len: int, lengths: tuple[int, ...]) -> tuple[_Payload, list[tuple[int, int]]]:
+def _lay_out(
+    header_len: int, lengths: tuple[int, ...], allocate: Allocate
+) -> tuple[_Payload, list[tuple[int, int]]]:
     """Allocate a payload and place its parts: (payload, [(offset, length) per part]).
 
     The header goes first; each buffer starts at a multiple of _ALIGN bytes in memory, so
     arrays and tensors built on it are aligned (the wire carries no padding).
     """
     if not lengths:
-        return (_allocate(header_len) if header_len else bytearray()), [(0, header_len)]
+        return (allocate(header_len) if header_len else bytearray()), [(0, header_len)]
     relative = [(0, header_len)]
     end = header_len
     for length in lengths:
         start = _align_up(end)
         relative.append((start, length))
         end = start + length
-    payload = _allocate(end + _ALIGN)
+    payload = allocate(end + _ALIGN)
     origin = -_address(payload) % _ALIGN
     return payload, [(origin + start, length) for start, length in relative]
 
@@ -340,8 +331,10 @@ class Connection:
         identity: bytes,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         nonce: bytes | None = None,
+        allocate: Allocate = bytearray,
     ) -> None:
-        """Prepare one end; ``key`` None means no authentication, ``nonce`` is for tests."""
+        """Prepare one end; ``key`` None means no authentication, ``nonce`` is for tests,
+        ``allocate`` gives the memory received payloads are laid out in."""
         if key is not None:
             if not isinstance(key, (bytes, bytearray)) or not key:
                 raise ValueError("key must be non-empty bytes, or None for no authentication")
@@ -365,6 +358,7 @@ class Connection:
         self._identity = bytes(identity)
         self._max_frame_bytes = max_frame_bytes
         self._nonce = bytes(nonce)
+        self._allocate = allocate
         self._state = ConnectionState.HANDSHAKING
         self._error: str | None = None
         self._my_hello: bytes | None = None
@@ -791,7 +785,7 @@ class Connection:
         end = start + header_len + sum(lengths)
         if end > len(buf) or end - pos > min(self._max_frame_bytes, _SMALL_FRAME_BYTES):
             return None
-        payload, segments = _lay_out(header_len, lengths)
+        payload, segments = _lay_out(header_len, lengths, self._allocate)
         view = memoryview(payload)
         source = start
         parts = []
@@ -871,7 +865,7 @@ class Connection:
         """
         self._total = nbytes
         self._filled = 0
-        self._payload, self._segments = _lay_out(self._header_len, self._lengths)
+        self._payload, self._segments = _lay_out(self._header_len, self._lengths, self._allocate)
         self._payload_view = memoryview(self._payload).cast("B")
         self._segment = -1
         self._advance_payload(0)

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from typing import Final
 
-__all__ = ("IDLE_S", "KEEP_BYTES", "MIN_BYTES", "drop_idle", "lend", "pooled_bytes")
+__all__ = ("IDLE_S", "KEEP_BYTES", "MIN_BYTES", "allocate", "drop_idle", "lend", "pooled_bytes")
 
 MIN_BYTES: Final = 1 << 25
 """Payloads of at least this many bytes are received into recycled mappings."""
@@ -42,6 +42,17 @@ _free_bytes = 0
 # Mappings whose loan was collected; sorted into _free at the next lend().  Finalizers only
 # append here: they may run in any thread, at any allocation, even one inside _lock.
 _returned: deque[mmap.mmap] = deque()
+
+
+def allocate(nbytes: int) -> bytearray | ctypes.Array[ctypes.c_ubyte]:
+    """A writable area for a received payload: from ``MIN_BYTES`` on, a recycled or new
+    mapping (a fresh mapping's pages cost nothing until data arrives, so a peer's claim of a
+    huge frame commits no memory, and recycled ones are not faulted in again); smaller ones are
+    bytearrays, whose memory malloc recycles itself (a 1 MiB echo over TCP ran 3x faster with
+    the threshold at 32 MiB than at 1 MiB)."""
+    if nbytes >= MIN_BYTES:
+        return lend(nbytes)
+    return bytearray(nbytes)
 
 
 def lend(nbytes: int) -> ctypes.Array[ctypes.c_ubyte]:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from thenable.rpc import _shm
+from thenable.rpc import _recycled, _shm
 from thenable.rpc._protocol import (
     AuthenticationError,
     Connection,
@@ -211,7 +211,12 @@ def connect(
         sock = socket.create_connection(address, timeout=timeout)
     try:
         _tune(sock)
-        protocol = Connection(key=key, identity=identity, max_frame_bytes=max_frame_bytes)
+        protocol = Connection(
+            key=key,
+            identity=identity,
+            max_frame_bytes=max_frame_bytes,
+            allocate=_recycled.allocate,
+        )
         peer, descriptors = handshake(sock, protocol, timeout)
     except BaseException:
         sock.close()
@@ -296,7 +301,10 @@ class Listener:
         try:
             _tune(sock)
             protocol = Connection(
-                key=self._key, identity=self._identity, max_frame_bytes=self._max_frame_bytes
+                key=self._key,
+                identity=self._identity,
+                max_frame_bytes=self._max_frame_bytes,
+                allocate=_recycled.allocate,
             )
             peer, descriptors = handshake(sock, protocol, HANDSHAKE_TIMEOUT_S)
         except AuthenticationError as exc:
