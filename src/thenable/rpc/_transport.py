@@ -735,7 +735,33 @@ class PeerConnection:
                     self._inline_since = None
                     self._inline_quick = time.monotonic() - began < INLINE_QUICK_S
 
-    def _retire_idle(self, now: float) -> None:
+    # -- what the watchdog asks of a connection (see _Watchdog) --------------------------------
+
+    def tick(self, now: float, stalled: bool) -> None:
+        """The watchdog's look, every tick: the heartbeat (``stalled``: this process stood
+        still, so silence since is not the peer's), a request run inline too long, and
+        frames left queued a whole tick, which a thread of their own writes (a write can
+        block, and the watchdog must not)."""
+        if stalled:
+            self._heard = max(self._heard, now)
+        self._check_heartbeat(now)
+        self._check_inline(now)
+        if self._left_behind():  # (RELEASEs, deferred replies) no sender came for them
+            threading.Thread(
+                target=self._flush_soon, name="thenable-rpc-flush", daemon=True
+            ).start()
+
+    def needs_tick(self) -> bool:
+        """Whether the watchdog must look again next tick: a request runs inline, or frames
+        are queued."""
+        return self._inline_since is not None or bool(self._queue)
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Seconds between heartbeats (0: none)."""
+        return self._heartbeat_s
+
+    def retire_idle(self, now: float) -> None:
         """The watchdog's look: retire the shared memory segments left free for
         ``_shm.IDLE_S`` (the RETIRE frames go out with the watchdog's flush)."""
         if self._outbox is None or self._closing:
@@ -963,32 +989,23 @@ class _Watchdog:
                 idle_checked = now
                 _recycled.drop_idle(now)
                 for conn in connections:
-                    conn._retire_idle(now)
+                    conn.retire_idle(now)
             stalled = now - last_look > 3 * IDLE_CHECK_S  # this process (not a peer) stood still
             last_look = now
             for conn in connections:
-                if stalled:
-                    conn._heard = max(conn._heard, now)
-                conn._check_heartbeat(now)
-                conn._check_inline(now)
-                if conn._left_behind():  # frames left for a sender that did not come
-                    # (RELEASEs, deferred replies).  In a thread of its own: a write can
-                    # block, and this thread must not.
-                    threading.Thread(
-                        target=conn._flush_soon, name="thenable-rpc-flush", daemon=True
-                    ).start()
+                conn.tick(now, stalled)
             self._pause(connections)
 
     def _pause(self, connections: list[PeerConnection]) -> None:
         """Until the next look: ``INLINE_PATIENCE_S`` (a periodic look, like a scheduler
         tick) while any connection has work for the watchdog, else a doze."""
-        if any(_has_watchdog_work(conn) for conn in connections):
+        if any(conn.needs_tick() for conn in connections):
             time.sleep(INLINE_PATIENCE_S)
             return
         self.dozing = True
         # The last look, after announcing the doze: work made from now on calls arm().
         woken = False
-        if not any(_has_watchdog_work(conn) or conn.closed for conn in connections):
+        if not any(conn.needs_tick() or conn.closed for conn in connections):
             woken = self._wake.wait(_doze_s(connections))
         self.dozing = False
         self._wake.clear()
@@ -999,14 +1016,9 @@ class _Watchdog:
             time.sleep(INLINE_PATIENCE_S)
 
 
-def _has_watchdog_work(conn: PeerConnection) -> bool:
-    """Whether ``conn`` runs a request inline or has frames queued (see ``_Watchdog``)."""
-    return conn._inline_since is not None or bool(conn._queue)
-
-
 def _doze_s(connections: list[PeerConnection]) -> float:
     """How long the watchdog may doze: ``IDLE_CHECK_S``, or half the shortest heartbeat."""
-    beats = [conn._heartbeat_s for conn in connections if conn._heartbeat_s]
+    beats = [conn.heartbeat_s for conn in connections if conn.heartbeat_s]
     return min([IDLE_CHECK_S, *(beat / 2 for beat in beats)])
 
 
