@@ -41,7 +41,7 @@ import pytest
 from _harness import Group, join_thenable_threads
 from conftest import GroupFactory
 
-from thenable.rpc import _shm
+from thenable.rpc import _protocol, _shm
 from thenable.rpc._agent import Agent
 from thenable.rpc._options import RpcBackendOptions
 from thenable.rpc._protocol import (
@@ -1002,7 +1002,7 @@ def _hello_then_staged_request(
         1,
         header,
         [memoryview(staged.descriptor)],
-        flags=_shm.FLAG_STAGED,
+        flags=_protocol.FLAG_STAGED,
     )
     return [hello, *frame], staged
 
@@ -1026,7 +1026,7 @@ def _response_and_release(sock: socket.socket) -> tuple[Message | None, list[int
         elif isinstance(event, Message):
             if event.kind in (MessageKind.RESPONSE, MessageKind.ERROR_RESPONSE):
                 response = response or event
-            elif event.kind is MessageKind.CONTROL and event.flags == _shm.FLAG_RELEASE:
+            elif event.kind is MessageKind.CONTROL and event.flags == _protocol.FLAG_RELEASE:
                 released.append(event.request_id)
         elif not isinstance(event, HandshakeComplete):
             break  # ConnectionClosed

@@ -171,6 +171,19 @@ class MessageKind(enum.IntEnum):
     """Runtime housekeeping between agents (shutdown barrier, heartbeat, ...)."""
 
 
+# The flags of a frame, which the transport sets and reads (this module only carries them):
+FLAG_STAGED: Final = 0x1
+"""On a message: its only buffer is a shared-memory descriptor instead of the data (``_shm``)."""
+FLAG_RELEASE: Final = 0x2
+"""On a CONTROL frame: the shared-memory segment ``request_id`` is free again."""
+FLAG_RETIRE: Final = 0x4
+"""On a CONTROL frame: the shared-memory segment ``request_id`` will not be used again."""
+FLAG_PING: Final = 0x10
+"""On a CONTROL frame: a heartbeat, which the peer answers with a PONG."""
+FLAG_PONG: Final = 0x20
+"""On a CONTROL frame: the answer to a PING."""
+
+
 _MESSAGE_KINDS: Final = frozenset(kind.value for kind in MessageKind)
 _KINDS_BY_VALUE: Final = {kind.value: kind for kind in MessageKind}
 _INLINE_HEADER_BYTES: Final = 4096  # headers up to this size are copied next to the prefix

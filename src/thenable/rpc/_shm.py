@@ -44,11 +44,9 @@ Ownership and cleanup rules
    unmapped and freed).  A peer that crashes closes the connection, so the survivor frees
    its mappings then.  A connection that is not Unix-domain (another host) never stages.
 
-Frames (the flags of ``_protocol`` frames, which that module leaves to its user):
-
-- ``FLAG_STAGED`` on a message: its only buffer is a descriptor (below) instead of the data;
-- ``FLAG_RELEASE`` on a CONTROL frame: the segment ``request_id`` is free again;
-- ``FLAG_RETIRE`` on a CONTROL frame: the segment ``request_id`` will not be used again.
+Frames: ``_protocol.FLAG_STAGED`` on a message (its only buffer is a descriptor, below,
+instead of the data), ``FLAG_RELEASE`` and ``FLAG_RETIRE`` on CONTROL frames (the segment
+``request_id`` is free again / will not be used again).
 
 Descriptor: ``!QQBxxxHI`` (segment id, segment size, 1 if a descriptor is attached, number
 of retired segment ids, number of parts), then the retired ids (``Q`` each), then
@@ -78,9 +76,6 @@ from thenable.rpc._protocol import ProtocolError
 
 __all__ = [
     "CACHE_BYTES",
-    "FLAG_RELEASE",
-    "FLAG_RETIRE",
-    "FLAG_STAGED",
     "IDLE_S",
     "MAX_SEGMENTS",
     "MAX_SEGMENT_BYTES",
@@ -94,10 +89,6 @@ __all__ = [
 ]
 
 _LOGGER = logging.getLogger("thenable.rpc.shm")
-
-FLAG_STAGED: Final = 0x1
-FLAG_RELEASE: Final = 0x2
-FLAG_RETIRE: Final = 0x4
 
 STAGE_MIN_BYTES: Final = 1 << 18
 """Messages with at least this many bytes of buffers are staged in shared memory."""

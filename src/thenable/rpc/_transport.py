@@ -62,6 +62,11 @@ from thenable._future import _PER_THREAD
 from thenable.rpc import _recycled, _shm
 from thenable.rpc._errors import SendQueueFullError
 from thenable.rpc._protocol import (
+    FLAG_PING,
+    FLAG_PONG,
+    FLAG_RELEASE,
+    FLAG_RETIRE,
+    FLAG_STAGED,
     Connection,
     ConnectionClosed,
     Message,
@@ -85,9 +90,6 @@ _FLUSH_TIMEOUT_S = 1.0
 # How long a sender waits for the socket to take more of its frame before it leaves the rest to
 # the connection's writer thread (a peer that reads at all drains a socket buffer much faster).
 _PATIENCE_S = 0.05
-# The flags of heartbeat CONTROL frames (beside _shm's): a PING asks for a PONG.
-FLAG_PING = 0x10
-FLAG_PONG = 0x20
 # A peer silent for this many heartbeat intervals is declared unreachable.
 _HEARTBEAT_MISSES = 3
 MessageHandler = Callable[["PeerConnection", Message], None]
@@ -309,7 +311,7 @@ class PeerConnection:
         assert self._outbox is not None
         try:
             parts = self._protocol.send_message(
-                kind, request_id, header, [memoryview(staged.descriptor)], flags=_shm.FLAG_STAGED
+                kind, request_id, header, [memoryview(staged.descriptor)], flags=FLAG_STAGED
             )
         except BaseException:
             self._outbox.abandon(staged)
@@ -492,7 +494,7 @@ class PeerConnection:
         Called by the Inbox when the last view of a received message is collected: in any
         thread, maybe one that holds the send lock, so it only appends to the queue.
         """
-        self._queue_control(segment_id, _shm.FLAG_RELEASE)
+        self._queue_control(segment_id, FLAG_RELEASE)
 
     def _queue_control(self, segment_id: int, flag: int) -> None:
         """Queue a RELEASE or RETIRE, to go out with the next frame (or the watchdog's tick):
@@ -767,7 +769,7 @@ class PeerConnection:
         if self._outbox is None or self._closing:
             return
         for segment_id in self._outbox.retire_idle(now):
-            self._queue_control(segment_id, _shm.FLAG_RETIRE)
+            self._queue_control(segment_id, FLAG_RETIRE)
 
     def _left_behind(self) -> bool:
         """The watchdog's look: whether the oldest queued frame was already the oldest at its
@@ -874,14 +876,14 @@ class PeerConnection:
                 self._queue_control(0, FLAG_PONG)
             return None
         if self._inbox is not None and self._outbox is not None:
-            if flags == _shm.FLAG_RELEASE and message.kind is MessageKind.CONTROL:
+            if flags == FLAG_RELEASE and message.kind is MessageKind.CONTROL:
                 for segment_id in self._outbox.release(message.request_id):
-                    self._queue_control(segment_id, _shm.FLAG_RETIRE)
+                    self._queue_control(segment_id, FLAG_RETIRE)
                 return None
-            if flags == _shm.FLAG_RETIRE and message.kind is MessageKind.CONTROL:
+            if flags == FLAG_RETIRE and message.kind is MessageKind.CONTROL:
                 self._inbox.retire([message.request_id])
                 return None
-            if flags == _shm.FLAG_STAGED and len(message.buffers) == 1:
+            if flags == FLAG_STAGED and len(message.buffers) == 1:
                 buffers = self._inbox.unstage(message.buffers[0])
                 if _recorder.recording:
                     size = sum(buffer.nbytes for buffer in buffers)
