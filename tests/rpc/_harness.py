@@ -54,6 +54,7 @@ __all__ = (
     "join_thenable_threads",
     "qualified_name",
     "signal",
+    "without_launcher_variables",
     "worker_main",
 )
 
@@ -65,23 +66,6 @@ _SPAWN = multiprocessing.get_context("spawn")
 DEFAULT_TIMEOUT_S = 60.0
 # A worker that gets no command for this long exits by itself (the parent must be gone).
 _IDLE_LIMIT_S = 150.0
-
-# Environment variables that would change how a worker initializes RPC; workers start without
-# them unless a test sets them explicitly.
-_RPC_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "THENABLE_AUTH_KEY",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_RANK",
-    "PMI_SIZE",
-)
 
 
 def qualified_name(cls: type) -> str:
@@ -214,6 +198,16 @@ def signal(key: str, value: object = None) -> None:
     _send(("signal", _RANK, key, value))
 
 
+def without_launcher_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the variables that would change how a worker initializes RPC (a
+    launcher's, ``thenable.rpc._options.LAUNCHER_VARIABLES``, and torchrun's local rank):
+    workers start without them unless a test sets them explicitly."""
+    from thenable.rpc._options import LAUNCHER_VARIABLES  # (here: keeps this module light)
+
+    dropped = {*LAUNCHER_VARIABLES, "LOCAL_RANK"}
+    return {name: value for name, value in env.items() if name not in dropped}
+
+
 def worker_main(rank: int, inbox: Connection, outbox: Connection, env: dict[str, str]) -> None:
     """A worker process: run commands from ``inbox`` until told to stop (None)."""
     global _OUTBOX, _RANK
@@ -221,9 +215,9 @@ def worker_main(rank: int, inbox: Connection, outbox: Connection, env: dict[str,
     # The parent sends SIGUSR1 to a worker that does not answer in time: its threads' stacks
     # then go to stderr, which pytest shows with the failure.
     faulthandler.register(signals.SIGUSR1, all_threads=True)
-    for name in _RPC_ENV:
-        os.environ.pop(name, None)
-    os.environ.update(env)
+    clean = without_launcher_variables(os.environ)
+    os.environ.clear()
+    os.environ.update(clean, **env)
     while True:
         try:
             if not inbox.poll(_IDLE_LIMIT_S):

@@ -268,3 +268,21 @@ def test_slurm_gives_the_master_when_master_addr_and_port_are_unset() -> None:
         master_address("env://", {**env, "SLURM_JOB_ID": "abc"})
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT"):
         master_address("env://", {"SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost"})
+
+
+def test_launcher_variables_name_every_variable_init_rpc_reads() -> None:
+    """``LAUNCHER_VARIABLES`` (which the tests strip from workers) lists every environment
+    variable the modules that start RPC read."""
+    import re
+    from pathlib import Path
+
+    from thenable.rpc import _options, _rendezvous, _store
+
+    read: set[str] = set()
+    for module in (_options, _rendezvous, _store):
+        source = Path(module.__file__ or "").read_text()
+        read.update(re.findall(r'env(?:\.get\(|\[)"([A-Z_]+)"', source))
+        read.update(re.findall(r'_ENV = "([A-Z_]+)"', source))
+    read.update(name for pair in _options._LAUNCHER_ENV for name in pair)
+    assert {"MASTER_ADDR", "TORCHELASTIC_USE_AGENT_STORE", "THENABLE_AUTH_KEY"} <= read
+    assert read <= set(_options.LAUNCHER_VARIABLES)

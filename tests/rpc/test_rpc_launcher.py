@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import without_launcher_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH_TIMEOUT_S = 60.0
-_RPC_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "THENABLE_AUTH_KEY")
 
 
 class Launcher:
@@ -96,7 +96,7 @@ def launch() -> Iterator[type[Launcher]]:
 @pytest.fixture
 def env() -> dict[str, str]:
     """This environment without the variables the launcher sets."""
-    return {k: v for k, v in os.environ.items() if k not in _RPC_ENV}
+    return without_launcher_variables(os.environ)
 
 
 def _script(tmp_path: Path, text: str) -> Path:

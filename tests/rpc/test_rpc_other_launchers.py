@@ -18,30 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from _harness import free_port
+from _harness import free_port, without_launcher_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 120.0
-_LAUNCHER_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "THENABLE_AUTH_KEY",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_JOB_ID",
-    "SLURM_JOB_NODELIST",
-    "SLURM_NODELIST",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "TORCHELASTIC_USE_AGENT_STORE",
-)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env = without_launcher_variables(os.environ)
     env.update(extra)
     return env
 

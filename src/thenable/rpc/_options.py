@@ -55,6 +55,18 @@ _LAUNCHER_ENV = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI's mpirun
     ("PMI_RANK", "PMI_SIZE"),  # MPICH / Intel MPI
 )
+LAUNCHER_VARIABLES: tuple[str, ...] = (
+    *(name for pair in _LAUNCHER_ENV for name in pair),
+    "MASTER_ADDR",  # env:// rendezvous (_rendezvous)
+    "MASTER_PORT",
+    "SLURM_JOB_ID",  # the rendezvous address under Slurm
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "TORCHELASTIC_USE_AGENT_STORE",  # torchrun's store (_store)
+    "TORCHELASTIC_RESTART_COUNT",
+    "THENABLE_AUTH_KEY",
+)
+"""Every environment variable that changes how ``init_rpc`` starts: the ones launchers set."""
 
 
 _WORKER_NAME = re.compile(r"[A-Za-z0-9_:-]{1,127}")
