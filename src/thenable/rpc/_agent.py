@@ -58,7 +58,7 @@ from thenable.rpc._sockets import (
     host_id,
     local_address,
 )
-from thenable.rpc._transport import PeerConnection
+from thenable.rpc._transport import IncomingLink, Link, PeerConnection
 from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
@@ -98,7 +98,7 @@ class _Pending:
         self,
         future: Future[Any],
         peer_rank: int,
-        link: Any,  # the PeerConnection or _LocalLink the request went out on
+        link: Link,  # what the request went out on
         fn: object,
         counted: bool,  # an application call, counted for the shutdown barrier
         timeout: float,
@@ -152,7 +152,7 @@ class Agent:
         self._awaiting_answers = 0  # threads in wait_answered()
         self._workers: dict[int, WorkerAddress] = {}
         self._ranks_by_name: dict[str, int] = {}
-        self._links: dict[int, Any] = {}  # rank -> PeerConnection in use for requests to it
+        self._links: dict[int, PeerConnection] = {}  # rank -> the connection for requests to it
         self._connecting: dict[int, Dialing] = {}  # rank -> the connect under way
         self._all_connections: set[PeerConnection] = set()
         self._local_link = _LocalLink(self)
@@ -473,7 +473,7 @@ class Agent:
 
     # -- connections --------------------------------------------------------------------------
 
-    def _link_to(self, rank: int, wait: bool = True) -> Any:
+    def _link_to(self, rank: int, wait: bool = True) -> Link:
         """The link for messages to ``rank``; connects first if there is none.
 
         The connect runs in a thread of its own (see ``_dialing``): with ``wait``, this blocks
@@ -640,7 +640,7 @@ class Agent:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def _on_message(self, link: Any, message: Message) -> None:
+    def _on_message(self, link: IncomingLink, message: Message) -> None:
         kind = message.kind
         if kind is MessageKind.REQUEST:
             with self._lock:
@@ -658,7 +658,7 @@ class Agent:
         else:
             _LOGGER.warning("ignoring a %s message from %r", kind.name, link)
 
-    def _on_reply(self, link: Any, message: Message) -> None:
+    def _on_reply(self, link: IncomingLink, message: Message) -> None:
         with self._lock:
             pending = self._pending.pop(message.request_id, None)
             late = self._late_holds.pop(message.request_id, None) if pending is None else None
@@ -704,7 +704,7 @@ class Agent:
         error.__cause__ = exc
         return error
 
-    def _on_notification(self, link: Any, message: Message) -> None:
+    def _on_notification(self, link: IncomingLink, message: Message) -> None:
         start = _recorder.now() if _recorder.recording else 0
         fn = None
         try:
@@ -716,14 +716,14 @@ class Agent:
         if start:
             self._traced(f"notify {name_of(fn)}", start, link.peer_rank, 0)
 
-    def _on_request_traced(self, link: Any, message: Message) -> None:
+    def _on_request_traced(self, link: IncomingLink, message: Message) -> None:
         """``_on_message`` for a request while tracing: the handler records its span."""
         if link.may_run_inline():
             link.run_inline(self._serve_traced, link, message)
         else:
             self.pool.submit(self._serve_traced, link, message, _recorder.now())
 
-    def _serve_traced(self, link: Any, message: Message, received_ns: int = 0) -> None:
+    def _serve_traced(self, link: IncomingLink, message: Message, received_ns: int = 0) -> None:
         """``_serve``, recorded as a span with the arrow from its call; ``queued_us`` is the
         time from the request's arrival to its handler's start (0: run where it arrived)."""
         peer, request_id = link.peer_rank, message.request_id
@@ -732,7 +732,7 @@ class Agent:
         queued_us = round((start - received_ns) / 1000, 3) if received_ns else 0.0
         self._traced(f"handle {name_of(fn)}", start, peer, request_id, queued_us=queued_us)
 
-    def _serve(self, link: Any, message: Message) -> object:
+    def _serve(self, link: IncomingLink, message: Message) -> object:
         """Run one incoming request on this (pool) thread and send its reply; return the
         function it called (None if the request could not be loaded), for the trace."""
         request_id = message.request_id
@@ -767,7 +767,7 @@ class Agent:
         return fn
 
     def _reply_with(
-        self, link: Any, request_id: int, done: Future[Any], extra: object, fn: object
+        self, link: IncomingLink, request_id: int, done: Future[Any], extra: object, fn: object
     ) -> None:
         """An @async_execution function's Future completed: send its outcome as the reply."""
         start = _recorder.now() if _recorder.recording else 0
@@ -781,7 +781,7 @@ class Agent:
 
     def _send_result(
         self,
-        link: Any,
+        link: IncomingLink,
         request_id: int,
         result: Any,
         *,
@@ -819,13 +819,13 @@ class Agent:
         else:
             record.unsent()
 
-    def _send_error(self, link: Any, request_id: int, exc: BaseException) -> None:
+    def _send_error(self, link: IncomingLink, request_id: int, exc: BaseException) -> None:
         header, buffers = dumps_exception(exc, origin=f"worker {self.name} (rank {self.rank})")
         self._send_reply(link, MessageKind.ERROR_RESPONSE, request_id, header, buffers)
 
     def _send_reply(
         self,
-        link: Any,
+        link: IncomingLink,
         kind: MessageKind,
         request_id: int,
         header: bytes,
@@ -914,7 +914,7 @@ class _LocalLink:
     def may_run_inline(self) -> bool:
         return False  # the caller's thread: calls to oneself run on the pool
 
-    def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
+    def run_inline(self, fn: Callable[..., object], *args: Any) -> None:
         raise AssertionError("calls to oneself are never run inline")
 
     def send(
@@ -1055,7 +1055,7 @@ def _parse_identity(identity: bytes) -> tuple[str, int]:
     return name, rank
 
 
-def _went_on(link: Any, conn: PeerConnection) -> bool:
+def _went_on(link: Link, conn: PeerConnection) -> bool:
     """Whether what was sent on ``link`` went on ``conn`` (directly, or once connected)."""
     return link is conn or (type(link) is Dialing and link.connection is conn)
 

@@ -55,7 +55,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from thenable import _recorder
 from thenable._future import _PER_THREAD
@@ -75,7 +75,7 @@ from thenable.rpc._protocol import (
 )
 from thenable.rpc._sockets import FD_SPACE, close_all, descriptors_in
 
-__all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "PeerConnection", "owned")
+__all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "IncomingLink", "Link", "PeerConnection", "owned")
 
 _LOGGER = logging.getLogger("thenable.rpc.transport")
 
@@ -107,6 +107,49 @@ class _Frame:
     key: int | None = None  # the request id by which it may be dropped, until started
     started: bool = False  # some of it is written: it must be finished
     dropped: bool = False
+
+
+class Link(Protocol):
+    """Where a worker sends a peer's messages: a ``PeerConnection``, one still being dialed
+    (``_dialing.Dialing``), or the worker itself (the agent's local link)."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether sending here fails from now on."""
+        ...
+
+    def send(
+        self,
+        kind: MessageKind,
+        request_id: int,
+        header: bytes,
+        buffers: Sequence[memoryview] = (),
+        *,
+        defer: bool = False,
+        droppable: bool = False,
+    ) -> None:
+        """Send one message (see ``PeerConnection.send``)."""
+        ...
+
+    def drop(self, request_id: int) -> bool:
+        """Take back the request ``request_id`` if it is still queued, unsent (``droppable``)."""
+        ...
+
+
+class IncomingLink(Link, Protocol):
+    """A link messages come in on (a connection, or the local link): replies go back on it,
+    and a request may run on its reading thread."""
+
+    peer_rank: int
+
+    def may_run_inline(self) -> bool:
+        """Whether a request may run on the thread that read it."""
+        ...
+
+    def run_inline(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the reading thread (another thread reads meanwhile if it
+        takes long)."""
+        ...
 
 
 class PeerConnection:
@@ -715,7 +758,7 @@ class PeerConnection:
             self._inline_quick or not self._protocol.has_buffered_data()
         )
 
-    def run_inline(self, fn: Callable[..., None], *args: Any) -> None:
+    def run_inline(self, fn: Callable[..., object], *args: Any) -> None:
         """Run a request in the reader thread, which saves a thread switch per call.
 
         While it runs, nothing else is read from this connection; so if it blocks in
