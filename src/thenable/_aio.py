@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
+from thenable import _future
 from thenable._errors import as_runtime_error, type_name
 from thenable._future import Future
 
@@ -68,13 +69,13 @@ def from_asyncio(source: asyncio.Future[T]) -> Future[T]:
             try:
                 done.result()  # raises the CancelledError, with the message given to cancel()
             except asyncio.CancelledError as cancelled:
-                target._complete(None, cancelled, cancelled.__traceback__)
+                _future.complete(target, None, cancelled, cancelled.__traceback__)
             return
         exception = done.exception()
         if exception is not None:
-            target._complete(None, exception, exception.__traceback__)
+            _future.complete(target, None, exception, exception.__traceback__)
         else:
-            target._complete(done.result(), None)
+            _future.complete(target, done.result(), None)
 
     loop = source.get_loop()
     try:
@@ -102,13 +103,15 @@ def from_concurrent(source: concurrent.futures.Future[T]) -> Future[T]:
 
     def copy_outcome(done: concurrent.futures.Future[T]) -> None:
         if done.cancelled():
-            target._complete(None, concurrent.futures.CancelledError("the future was cancelled"))
+            _future.complete(
+                target, None, concurrent.futures.CancelledError("the future was cancelled")
+            )
             return
         exception = done.exception()
         if exception is not None:
-            target._complete(None, exception, exception.__traceback__)
+            _future.complete(target, None, exception, exception.__traceback__)
         else:
-            target._complete(done.result(), None)
+            _future.complete(target, done.result(), None)
 
     source.add_done_callback(copy_outcome)
     return target
@@ -129,10 +132,11 @@ def to_concurrent(future: Future[T] | torch.futures.Future[T]) -> concurrent.fut
     target.set_running_or_notify_cancel()
 
     def copy_outcome(done: Future[T]) -> None:
-        if done._exception is not None:
-            target.set_exception(done._exception)
+        error = _future.exception_of(done)
+        if error is not None:
+            target.set_exception(error)
         else:
-            target.set_result(done._result)
+            target.set_result(_future.result_of(done))
 
     source.add_done_callback(copy_outcome)
     return target
@@ -160,9 +164,9 @@ def from_torch(source: torch.futures.Future[T]) -> Future[T]:
         # Whatever it failed with is the outcome to copy: raised here, it would only reach
         # torch's callback runner, and the bridge would never complete.
         except BaseException as exc:
-            target._complete(None, exc, exc.__traceback__)
+            _future.complete(target, None, exc, exc.__traceback__)
         else:
-            target._complete(value, None)
+            _future.complete(target, value, None)
 
     source.add_done_callback(copy_outcome)
     return target

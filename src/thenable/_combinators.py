@@ -11,6 +11,7 @@ import queue
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from thenable import _future
 from thenable._aio import as_futures
 from thenable._future import Future, deadline_after, remaining
 
@@ -58,7 +59,7 @@ def collect_all(futures: Iterable[Future[T] | torch.futures.Future[T]]) -> Futur
         return combined
     on_done = _Countdown(items, combined).on_done
     for future in items:
-        future._register(on_done)
+        _future.register(future, on_done)
     return combined
 
 
@@ -74,10 +75,12 @@ class _AllOrFirstError:
         self.done = itertools.count()  # atomic, as in _Countdown
 
     def on_done(self, future: Future[Any]) -> None:
-        if future._exception is not None:
-            self.target._complete(None, future._exception, future._traceback, strict=False)
+        if _future.exception_of(future) is not None:
+            _future.copy_outcome(future, self.target, strict=False)
         elif next(self.done) == self.last:
-            self.target._complete([f._result for f in self.futures], None, strict=False)
+            _future.complete(
+                self.target, [_future.result_of(f) for f in self.futures], None, strict=False
+            )
 
 
 def wait_all(
@@ -104,7 +107,7 @@ def wait_all(
     combined: Future[list[T]] = Future()
     on_done = _AllOrFirstError(items, combined).on_done
     for future in items:
-        future._register(on_done)
+        _future.register(future, on_done)
         if combined.done():
             break  # failed early: the rest need not be watched
     return combined.wait(timeout)
@@ -119,7 +122,7 @@ class _FirstDone:
         self.target = target
 
     def on_done(self, future: Future[Any]) -> None:
-        self.target._complete(future, None, strict=False)
+        _future.complete(self.target, future, None, strict=False)
 
 
 def collect_any(futures: Iterable[Future[T] | torch.futures.Future[T]]) -> Future[Future[T]]:
@@ -139,7 +142,7 @@ def collect_any(futures: Iterable[Future[T] | torch.futures.Future[T]]) -> Futur
     first: Future[Future[T]] = Future()
     on_done = _FirstDone(first).on_done
     for future in items:
-        future._register(on_done)
+        _future.register(future, on_done)
         if first.done():
             break
     return first

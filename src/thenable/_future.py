@@ -564,9 +564,47 @@ def _fail_child(future: Future[Any], child: Future[Any], exc: BaseException) -> 
     return callbacks
 
 
-def copy_outcome(source: Future[Any], target: Future[Any]) -> None:
-    """Complete ``target`` like the completed ``source``: its value, or its exception."""
-    target._complete(source._result, source._exception, source._traceback)
+# -- what thenable's other modules do to a Future beyond its public API (so that this module
+# alone reads and writes its fields, and owns their invariants) --------------------------------
+
+complete = Future._complete
+"""``complete(future, result, exception, traceback=None, strict=True)``: complete ``future``
+(with ``exception`` if it is not None) without the public setters' checks; False if it was
+done already and not ``strict``."""
+register = Future._register
+"""``register(future, entry)``: a done-callback entry (a callable of the future) run in order
+with the others, without ``add_done_callback``'s wrapping."""
+
+
+def exception_of(future: Future[Any]) -> BaseException | None:
+    """The exception of a completed ``future``, None if it has a value (without raising)."""
+    return future._exception
+
+
+def result_of(future: Future[T]) -> T:
+    """The value of a completed ``future`` that has no exception (without raising)."""
+    return future._result  # type: ignore[no-any-return]
+
+
+def copy_outcome(source: Future[Any], target: Future[Any], strict: bool = True) -> bool:
+    """Complete ``target`` like the completed ``source``: its value, or its exception with
+    the traceback it had (False: ``target`` was done already and not ``strict``)."""
+    return target._complete(source._result, source._exception, source._traceback, strict)
+
+
+def offer_inline(future: Future[Any], task: _InlineTask | None) -> None:
+    """Let a thread about to block on ``future`` run ``task`` itself (None: no longer)."""
+    future._run_inline = task
+
+
+def claim_inline(future: Future[Any]) -> bool:
+    """Take the task offered on ``future`` away from waiters: True once, for the first of
+    the task's runners (a worker, or a waiter helping)."""
+    with future._lock:
+        if future._run_inline is None:
+            return False
+        future._run_inline = None
+        return True
 
 
 def _log_callback_error(callback: object, future: Future[Any]) -> None:

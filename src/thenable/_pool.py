@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 ``submit`` puts a task on a FIFO queue and wakes one parked worker (or starts one while the pool
-is below its size).  Each task's Future carries the task's ``run`` as ``Future._run_inline``:
-whoever calls it first - a worker that pops the task, or a thread that ``wait``s on the Future
-before any worker has started it - claims it (under the Future's lock) and runs it.  A waiter
+is below its size).  Each task is offered on its Future (``_future.offer_inline``): whoever
+claims it first (``_future.claim_inline``) - a worker that pops the task, or a thread that
+``wait``s on the Future before any worker has started it - runs it.  A waiter
 runs the task itself when it is a worker of the pool, when no worker is on its way, or when
 enough workers are on their way for all unclaimed tasks; otherwise it leaves the task to the
 workers, so the waiter does not make one more thread compete for the cores.  So a waiter never
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from contextvars import Context, copy_context
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from thenable import _thread_state
+from thenable import _future, _thread_state
 from thenable._aio import from_torch, is_torch_future
 from thenable._errors import as_runtime_error, type_name
 from thenable._future import _PER_THREAD, Future
@@ -85,7 +85,7 @@ class _Task:
         self.args = args
         self.kwargs = kwargs
         self.future: Future[Any] | None = Future()
-        self.future._run_inline = self  # (the task itself: no bound method to allocate)
+        _future.offer_inline(self.future, self)  # (the task itself: no bound method to allocate)
         self.context: Context = copy_context()
         # None: the default state.
         self.torch_state = _thread_state.capture() if "torch" in _MODULES else None
@@ -111,13 +111,8 @@ class _Task:
         future = self.future
         if future is None:
             return
-        future._lock.acquire()
-        try:
-            if future._run_inline is None:
-                return
-            future._run_inline = None
-        finally:
-            future._lock.release()
+        if not _future.claim_inline(future):
+            return
         # Claimed.  Drop every reference the queue could keep alive: the task may sit in the
         # queue until a worker pops it, long after a waiter ran it.
         fn, args, kwargs, pool = self.fn, self.args, self.kwargs, self.pool
@@ -149,7 +144,7 @@ class _Task:
                 ):
                     _thread_state.reset()
         except BaseException as exc:
-            future._complete(None, exc, exc.__traceback__)
+            _future.complete(future, None, exc, exc.__traceback__)
             del exc
         else:
             future.set_result(result)
@@ -213,9 +208,11 @@ class InteropPool:
         future = task.future
         assert future is not None
         if self._closing:
-            future._run_inline = None
-            future._complete(
-                None, RuntimeError(f"cannot run new tasks: the pool {self._name} is shut down")
+            _future.offer_inline(future, None)
+            _future.complete(
+                future,
+                None,
+                RuntimeError(f"cannot run new tasks: the pool {self._name} is shut down"),
             )
             return future
         state = task.torch_state

@@ -34,6 +34,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
+from thenable import _future
 from thenable._errors import as_runtime_error
 from thenable._future import Future
 from thenable.autograd import _contexts
@@ -108,9 +109,10 @@ def _pass_from(agent: Agent, context: DistAutogradContext, seeds: Seeds) -> Futu
     result: Future[None] = Future()
 
     def after(wave: Future[bool], number: int) -> None:
-        if wave._exception is not None:
-            result.set_exception(wave._exception)
-        elif not wave._result:
+        error = _future.exception_of(wave)
+        if error is not None:
+            result.set_exception(error)
+        elif not _future.result_of(wave):
             result.set_result(None)
         elif number == _FORCED:  # (forced, nothing waits: see _pass)
             result.set_exception(
@@ -171,8 +173,8 @@ def _run_events(agent: Agent, context: DistAutogradContext, pass_id: int, state:
 
 
 def _batch_done(calls: Future[bool], state: PassState, batch: list[Event]) -> None:
-    error = calls._exception
-    holding = error is None and (bool(calls._result) or state.holding)
+    error = _future.exception_of(calls)
+    holding = error is None and (bool(_future.result_of(calls)) or state.holding)
     for event in batch:
         if error is not None:
             event.done.set_exception(error)
@@ -232,11 +234,11 @@ def _all_done(calls: list[Future[Any]]) -> Future[bool]:
     said = [False]
 
     def one_done(call: Future[Any]) -> None:
-        error = call._exception
+        error = _future.exception_of(call)
         with lock:
             if not remaining[0]:
                 return
-            said[0] = said[0] or (error is None and bool(call._result))
+            said[0] = said[0] or (error is None and bool(_future.result_of(call)))
             remaining[0] = 0 if error is not None else remaining[0] - 1
             if remaining[0]:
                 return

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from thenable import _recorder
+from thenable import _future, _recorder
 from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable._trace_hooks import name_of
@@ -312,7 +312,7 @@ class Agent:
         except ConnectionError as exc:  # ("cannot reach <peer>: <why>")
             record.unsent()
             error = RpcConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}")
-            future._complete(None, error)
+            _future.complete(future, None, error)
             return future
         with self._lock:
             self._pending[request_id] = _Pending(
@@ -382,9 +382,10 @@ class Agent:
             )
             # Completed on the pool: user callbacks must not stall the timer thread (unless
             # the pool is shut down: then here, so that the call still ends).
-            done = self.pool.submit(pending.future._complete, None, error)
-            if done.done() and done._exception is not None:  # refused: the pool is shut down
-                pending.future._complete(None, error, strict=False)
+            done = self.pool.submit(_future.complete, pending.future, None, error)
+            refused = done.done() and _future.exception_of(done) is not None  # (shut down)
+            if refused:
+                _future.complete(pending.future, None, error, strict=False)
 
     def _fail_sending(self, request_id: int, exc: ConnectionError) -> None:
         """A request could not be sent: its call fails (a full queue as SendQueueFullError)."""
@@ -394,7 +395,9 @@ class Agent:
             error_type = (
                 SendQueueFullError if isinstance(exc, SendQueueFullError) else RpcConnectionError
             )
-            pending.future._complete(None, error_type(f"{pending.describe(self)} failed: {exc}"))
+            _future.complete(
+                pending.future, None, error_type(f"{pending.describe(self)} failed: {exc}")
+            )
 
     def pending_count(self) -> int:
         with self._lock:
@@ -634,8 +637,10 @@ class Agent:
                 f": {error}" if error is not None else " (it closed)"
             )
         for entry in entries:
-            entry.future._complete(
-                None, RpcConnectionError(f"RPC {entry.describe(self)} failed: {reason}")
+            _future.complete(
+                entry.future,
+                None,
+                RpcConnectionError(f"RPC {entry.describe(self)} failed: {reason}"),
             )
 
     # -- receiving ----------------------------------------------------------------------------
@@ -687,7 +692,7 @@ class Agent:
         except Exception as exc:
             value = None
             exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
-        pending.future._complete(value, exception)
+        _future.complete(pending.future, value, exception)
         if start:
             span = f"reply {name_of(pending.fn)}"
             self._traced(span, start, pending.peer_rank, message.request_id, failed=bool(exception))
@@ -771,11 +776,12 @@ class Agent:
     ) -> None:
         """An @async_execution function's Future completed: send its outcome as the reply."""
         start = _recorder.now() if _recorder.recording else 0
-        if done._exception is not None:
-            log_user_error(self, fn, done._exception, link.peer_rank)
-            self._send_error(link, request_id, done._exception)
+        error = _future.exception_of(done)
+        if error is not None:
+            log_user_error(self, fn, error, link.peer_rank)
+            self._send_error(link, request_id, error)
         else:
-            self._send_result(link, request_id, done._result, extra=extra)
+            self._send_result(link, request_id, _future.result_of(done), extra=extra)
         if start:
             self._traced("async_execution done", start, link.peer_rank, request_id)
 
@@ -889,7 +895,8 @@ class Agent:
         for conn in connections:
             conn.close()
         for entry in entries:
-            entry.future._complete(
+            _future.complete(
+                entry.future,
                 None,
                 RpcError(f"RPC {entry.describe(self)} failed: RPC was shut down on this worker"),
             )

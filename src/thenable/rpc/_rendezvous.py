@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from thenable import _future
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _agent
 from thenable.rpc._agent import Agent, WorkerAddress
@@ -170,12 +171,12 @@ class Coordinator:
         if error is not None:
             # A group that cannot be made: every worker waiting fails now with this error (as
             # in torch), rank 0 included, rather than waiting for a worker that never comes.
-            self._table._complete(None, error, strict=False)
+            _future.complete(self._table, None, error, strict=False)
             answer.set_exception(error)
             return answer
         self._table.add_done_callback(functools.partial(copy_outcome, target=answer))
         if complete:
-            self._table._complete(table, None, strict=False)
+            _future.complete(self._table, table, None, strict=False)
         return answer
 
     def _check(self, worker: WorkerAddress, world_size: int) -> Exception | None:
@@ -213,7 +214,7 @@ class Coordinator:
                 f"{self._agent.options.rpc_timeout} s (rank 0 at "
                 f"{self._agent.listener.address[0]}:{self._agent.listener.address[1]})"
             )
-            self._table._complete(None, error, strict=False)
+            _future.complete(self._table, None, error, strict=False)
             raise error from None
 
     def arrive(self, round_number: int, rank: int, quiet: bool) -> Future[bool]:
@@ -263,7 +264,7 @@ def _fail_round(answers: dict[int, Future[bool]], lost: set[int]) -> None:
         "rank 0 (died?); the workers were stopped without waiting for them"
     )
     for answer in answers.values():
-        answer._complete(None, error, strict=False)
+        _future.complete(answer, None, error, strict=False)
 
 
 @pinned

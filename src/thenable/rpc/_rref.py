@@ -52,6 +52,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from thenable import _future
 from thenable._future import Future, copy_outcome
 from thenable.rpc import _context, _extensions
 from thenable.rpc._callee_log import log_user_error
@@ -200,7 +201,7 @@ class OwnerTable:
             entry.created = True
             value = entry.value
             self._add_locked(rref_id, entry, fork)
-        value._complete(None, error, strict=False)
+        _future.complete(value, None, error, strict=False)
 
     def awaited_value(self, rref_id: RRefId) -> Future[Any]:
         """The value's Future for a caller that holds a fork of ``rref_id``.
@@ -471,7 +472,7 @@ class RRef(Generic[T]):
         """Raise the failure of ``remote()``'s creation call, if it failed (it timed out,
         say, or could not be decoded by the owner)."""
         created = self._created
-        if created is not None and created.done() and created._exception is not None:
+        if created is not None and created.done() and _future.exception_of(created) is not None:
             created.wait()
 
     def _get_type(self, timeout: float = -1.0, blocking: bool = True) -> Any:
@@ -497,8 +498,8 @@ class RRef(Generic[T]):
         return typed.wait() if blocking else typed
 
     def _keep_type(self, typed: Future[type]) -> None:
-        if typed._exception is None:
-            self._type = typed._result
+        if _future.exception_of(typed) is None:
+            self._type = _future.result_of(typed)
 
     # -- autograd -----------------------------------------------------------------------------
 
@@ -609,8 +610,9 @@ def _announce_fork(agent: Worker, rref: RRef[Any], fork: ForkId) -> None:
 
 
 def _log_fork_failure(done: Future[Any], rref: RRef[Any]) -> None:
-    if done._exception is not None:
-        _LOGGER.warning("could not register a reference to %r: %s", rref, done._exception)
+    error = _future.exception_of(done)
+    if error is not None:
+        _LOGGER.warning("could not register a reference to %r: %s", rref, error)
 
 
 @pinned
@@ -726,7 +728,7 @@ def _report_failed_creation(
 
     (A timeout or a lost connection says nothing of the owner: it may still create the value.)
     """
-    error = created._exception
+    error = _future.exception_of(created)
     if error is None or isinstance(error, (TimeoutError, ConnectionError)):
         return
     reason = RuntimeError(f"creating the value of this RRef failed on the owner: {error}")
@@ -759,9 +761,9 @@ def _produce(
             return
     except BaseException as exc:
         log_user_error(agent, fn, exc, caller)
-        target._complete(None, exc, exc.__traceback__)
+        _future.complete(target, None, exc, exc.__traceback__)
         return
-    target._complete(result, None)
+    _future.complete(target, result, None)
 
 
 # -- functions run on the owner, by RPC ------------------------------------------------------
@@ -819,15 +821,15 @@ def _invoke(
     result: Future[Any] = Future()
 
     def call(value: Future[Any]) -> None:
-        if value._exception is not None:
+        if _future.exception_of(value) is not None:
             # Passed on as it is: raising the stored exception here would hang this call's
             # frames on its traceback, and with them the RRef, which would never be freed.
             copy_outcome(value, result)
             return
         try:
-            method = getattr(value._result, name)
+            method = getattr(_future.result_of(value), name)
         except BaseException as exc:
-            result._complete(None, exc, exc.__traceback__)
+            _future.complete(result, None, exc, exc.__traceback__)
             return
         _produce(result, method, args, kwargs, carried, agent)
 
