@@ -33,7 +33,8 @@ from typing import Any
 import _launch  # (beside this script)
 
 import thenable
-from thenable import _recorder, rpc
+from thenable import rpc
+from thenable._tracing import recorder as _recorder
 
 perf_ns = time.perf_counter_ns
 CHAIN_LINKS = 1_000

@@ -19,9 +19,11 @@ import pytest
 
 import thenable
 from _trace_schema import check_trace
-from thenable import _recorder, _trace_file, _trace_hooks
 from thenable._future import Future
 from thenable._pool import InteropPool
+from thenable._tracing import recorder as _recorder
+from thenable._tracing import trace_file as _trace_file
+from thenable._tracing import trace_hooks as _trace_hooks
 
 
 def spans(trace: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:

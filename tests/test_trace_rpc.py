@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from _trace_schema import check_trace
-from thenable import _trace_file
+from thenable._tracing import trace_file as _trace_file
 
 _JOB = Path(__file__).with_name("_traced_job.py")
 

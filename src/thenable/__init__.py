@@ -55,19 +55,19 @@ __all__ = (
 )
 
 if _TYPE_CHECKING:
-    from thenable._trace import Trace as Trace
-    from thenable._trace import trace as trace
+    from thenable._tracing.trace import Trace as Trace
+    from thenable._tracing.trace import trace as trace
 
 
 def __getattr__(name: str) -> _Any:
     if name in ("trace", "Trace"):
-        from thenable import _trace
+        from thenable._tracing import trace as _trace
 
         return getattr(_trace, name)
     raise AttributeError(f"module 'thenable' has no attribute {name!r}")
 
 
-if _os.environ.get("THENABLE_TRACE"):  # trace this whole process (see thenable._trace)
-    from thenable._trace import start_from_environment as _start_from_environment
+if _os.environ.get("THENABLE_TRACE"):  # trace this whole process (see thenable._tracing.trace)
+    from thenable._tracing.trace import start_from_environment as _start_from_environment
 
     _start_from_environment()

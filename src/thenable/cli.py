@@ -69,7 +69,7 @@ def _trace_command(parser: argparse.ArgumentParser, options: argparse.Namespace)
     import json
     from pathlib import Path
 
-    from thenable import _trace_file
+    from thenable._tracing import trace_file as _trace_file
 
     if options.action == "merge":
         directory = Path(options.directory)
@@ -89,7 +89,7 @@ def _trace_command(parser: argparse.ArgumentParser, options: argparse.Namespace)
         if incomplete:
             print(f"(ended early, kept up to their last flush: {', '.join(incomplete)})")
         return 0
-    from thenable._trace_plot import plot_trace
+    from thenable._tracing.trace_plot import plot_trace
 
     try:
         trace = json.loads(Path(options.trace).read_text(encoding="utf-8"))

@@ -32,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from thenable import _recorder
+from thenable._tracing import recorder as _recorder
 from thenable.autograd import _grad_field
 from thenable.autograd._graph import (
     Blocked,

@@ -30,10 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from thenable import _future, _recorder
+from thenable import _future
 from thenable._future import Future
 from thenable._pool import InteropPool
-from thenable._trace_hooks import name_of
+from thenable._tracing import recorder as _recorder
+from thenable._tracing.trace_hooks import name_of
 from thenable.rpc import _context, _extensions, _recycled
 from thenable.rpc._callee_log import log_user_error
 from thenable.rpc._dialing import Dialing
@@ -345,7 +346,7 @@ class Agent:
         buffers: list[memoryview] | None = None,
         **more: Any,
     ) -> None:
-        """Record a span of an RPC message (see thenable._trace)."""
+        """Record a span of an RPC message (see thenable._tracing.trace)."""
         args: dict[str, Any] = {"peer": self.name_of(peer), "id": request_id, **more}
         if header is not None:
             args["bytes"] = len(header) + sum(b.nbytes for b in buffers or ())

@@ -1,6 +1,6 @@
 """Tracing a whole RPC job: start, collect and clock the other workers' recordings.
 
-While RPC runs, this module is ``thenable._trace``'s peer tracing: a ``thenable.trace()``
+While RPC runs, this module is ``thenable._tracing.trace``'s peer tracing: a ``thenable.trace()``
 started on any worker starts a recording on every other worker (a notification to each: no
 reply, so the start leaves no stray reply in their recordings; a worker runs it before the next
 message from the starter), and stopping it collects their parts (an RPC each) and merges them
@@ -25,7 +25,9 @@ import threading
 import time
 from typing import Any
 
-from thenable import _recorder, _trace, _trace_file
+from thenable._tracing import recorder as _recorder
+from thenable._tracing import trace as _trace
+from thenable._tracing import trace_file as _trace_file
 from thenable.rpc._agent import Agent
 from thenable.rpc._handlers import pinned
 
@@ -45,7 +47,7 @@ _CONTROL_TIMEOUT_S = 30.0
 
 
 class _Peers:
-    """``thenable._trace.PeerTracing`` for one agent."""
+    """``thenable._tracing.trace.PeerTracing`` for one agent."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent

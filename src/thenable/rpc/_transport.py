@@ -57,8 +57,8 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from thenable import _recorder
 from thenable._future import _PER_THREAD
+from thenable._tracing import recorder as _recorder
 from thenable.rpc import _recycled, _shm
 from thenable.rpc._errors import SendQueueFullError
 from thenable.rpc._protocol import (

@@ -25,7 +25,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from thenable import _recorder, _trace_file, _trace_hooks
+from thenable._tracing import recorder as _recorder
+from thenable._tracing import trace_file as _trace_file
+from thenable._tracing import trace_hooks as _trace_hooks
 
 __all__ = ["ENV_BUFFER", "ENV_DIR", "Trace", "trace"]
 

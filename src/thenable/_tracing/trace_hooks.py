@@ -18,9 +18,9 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from thenable import _recorder
 from thenable._future import Future
 from thenable._pool import InteropPool
+from thenable._tracing import recorder as _recorder
 
 __all__ = ["install", "installed", "uninstall"]
 

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Instrumented code asks ``recording`` (a module global) before doing anything, so a process that
 never traces pays one global read at each instrumented point of the RPC layer; the Future and
-fork hot paths are not instrumented at all unless a trace runs (``_trace_hooks`` swaps traced
+fork hot paths are not instrumented at all unless a trace runs (``trace_hooks`` swaps traced
 methods in for the duration).
 
 While a ``Capture`` is active, each thread appends event tuples to a ring buffer of its own (a

@@ -1,6 +1,6 @@
 """Trace parts and the merged timeline: one process's events in, one Chrome trace out.
 
-A *part* is what one process recorded: its events (``_recorder``'s tuples, as lists), the names
+A *part* is what one process recorded: its events (``recorder``'s tuples, as lists), the names
 of its threads, who it is (worker name, rank, host, boot id) and clock samples against the
 process that merges (each ``[local_ns, offset_ns, rtt_ns]``: local time + offset = the merging
 process's time, measured over one round trip of ``rtt_ns``).  A part travels as a dict (over RPC)
@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from thenable import _recorder
+from thenable._tracing import recorder as _recorder
 
 __all__ = [
     "PART_FORMAT",
