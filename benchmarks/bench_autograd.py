@@ -71,9 +71,7 @@ import argparse
 import contextlib
 import faulthandler
 import math
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import statistics
 import subprocess
@@ -563,78 +561,18 @@ def _train_pipeline(
 def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> RunResult:
     """Start ``cfg.world_size`` processes, collect the trainers' reports, make sure they are
     gone."""
-    ctx = mp.get_context("spawn")
-    q: Any = ctx.Queue()
-    barrier: Any = ctx.Barrier(cfg.world_size)
-    trainer_barrier: Any = ctx.Barrier(cfg.trainers)
-    result = RunResult(cfg.backend, cfg.config)
+    barrier: Any = _launch.SPAWN.Barrier(cfg.world_size)
+    trainer_barrier: Any = _launch.SPAWN.Barrier(cfg.trainers)
     logs = [log_dir / f"{tag}-rank{r}.log" for r in range(cfg.world_size)]
-    procs = [
-        ctx.Process(
-            target=_child_main,
-            args=(cfg, r, barrier, trainer_barrier, q, str(logs[r])),
-            name=f"bench-{cfg.backend}-{cfg.workload}-{r}",
-            daemon=True,
-        )
-        for r in range(cfg.world_size)
-    ]
-    phases = dict.fromkeys(range(cfg.world_size), "process start")
-    finished: set[int] = set()
-    t0 = perf()
-    deadline = t0 + cfg.timeout_s
-    for p in procs:
-        p.start()
-    dead_since: float | None = None
-    while len(finished) < cfg.world_size:
-        try:
-            rank, kind, payload = q.get(timeout=0.2)
-        except queue.Empty:
-            now = perf()
-            if now > deadline:
-                stuck = {r: phases[r] for r in range(cfg.world_size) if r not in finished}
-                result.errors.append(
-                    f"timed out after {now - t0:.0f} s; unfinished ranks and their phase: {stuck}"
-                )
-                break
-            if all(not p.is_alive() for p in procs):
-                dead_since = dead_since if dead_since is not None else now
-                if now - dead_since > 2.0:  # what was left in the queue has arrived by now
-                    for r in sorted(set(range(cfg.world_size)) - finished):
-                        result.errors.append(
-                            f"rank {r} exited (code {procs[r].exitcode}) during {phases[r]} "
-                            "without reporting"
-                        )
-                    break
-            continue
-        if kind == "phase":
-            phases[rank] = payload
-        elif kind == "value":
-            name, value = payload
-            result.values.setdefault(rank, {})[name] = value
-        elif kind == "error":
-            result.errors.append(payload)
-            finished.add(rank)
-            # The others may now wait for the failed rank (a barrier, shutdown): give them a
-            # little while to notice, not the whole time limit.
-            deadline = min(deadline, perf() + 10.0)
-        elif kind == "done":
-            finished.add(rank)
-    result.wall_s = perf() - t0
-    _launch.reap(procs, grace_s=1.0 if len(finished) < cfg.world_size else 15.0)
-    for r, p in enumerate(procs):
-        if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
-            result.errors.append(f"rank {r} exit code {p.exitcode}")
-    if result.errors:
-        for r, path in enumerate(logs):
-            tail = _launch.tail(path)
-            if "Timeout (" in tail:  # faulthandler's header: the process hung, stacks follow
-                result.errors.insert(
-                    0, f"rank {r} ran past its time limit (hung or too slow): stacks in its log"
-                )
-            result.errors.append(f"--- log of rank {r} ({path}), last lines:\n{tail}")
-    with contextlib.suppress(Exception):
-        q.close()
-        q.cancel_join_thread()
+    outcome = _launch.run_processes(
+        _child_main,
+        lambda r, reports: (cfg, r, barrier, trainer_barrier, reports, str(logs[r])),
+        logs,
+        cfg.timeout_s,
+        f"bench-{cfg.backend}-{cfg.workload}",
+    )
+    result = RunResult(cfg.backend, cfg.config, outcome.values, outcome.errors)
+    result.wall_s = outcome.wall_s
     return result
 
 

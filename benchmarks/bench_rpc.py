@@ -61,9 +61,7 @@ import argparse
 import contextlib
 import faulthandler
 import math
-import multiprocessing as mp
 import os
-import queue
 import resource
 import shutil
 import statistics
@@ -418,86 +416,21 @@ def _measure_all_to_all(
 
 def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
     """Start ``cfg.world_size`` processes, collect their reports, make sure they are gone."""
-    ctx = mp.get_context("spawn")
-    q: Any = ctx.Queue()
-    barrier: Any = ctx.Barrier(cfg.world_size)
-    result = GroupResult(cfg.backend, cfg.world_size)
+    barrier: Any = _launch.SPAWN.Barrier(cfg.world_size)
     logs = [log_dir / f"{tag}-rank{r}.log" for r in range(cfg.world_size)]
-    procs = [
-        ctx.Process(
-            target=_child_main,
-            args=(cfg, r, barrier, q, str(logs[r])),
-            name=f"bench-{cfg.backend}-{r}",
-            daemon=True,
-        )
-        for r in range(cfg.world_size)
-    ]
-    phases = dict.fromkeys(range(cfg.world_size), "process start")
-    finished: set[int] = set()
-    t0 = perf()
-    deadline = t0 + cfg.timeout_s
-    start_wall = time.time()
-    for p in procs:
-        p.start()
-    dead_since: float | None = None
-    while len(finished) < cfg.world_size:
-        try:
-            rank, kind, payload = q.get(timeout=0.2)
-        except queue.Empty:
-            now = perf()
-            if now > deadline:
-                stuck = {r: phases[r] for r in range(cfg.world_size) if r not in finished}
-                result.errors.append(
-                    f"timed out after {perf() - t0:.0f} s; unfinished ranks and their phase: "
-                    f"{stuck}"
-                )
-                break
-            if all(not p.is_alive() for p in procs):
-                # Everything left in the queue arrives within a moment of the last exit.
-                dead_since = dead_since if dead_since is not None else now
-                if now - dead_since > 2.0:
-                    for r in sorted(set(range(cfg.world_size)) - finished):
-                        result.errors.append(
-                            f"rank {r} exited (code {procs[r].exitcode}) during {phases[r]} "
-                            "without reporting"
-                        )
-                    break
-            continue
-        if kind == "phase":
-            phases[rank] = payload
-        elif kind == "value":
-            name, value = payload
-            result.values.setdefault(rank, {})[name] = value
-        elif kind == "error":
-            result.errors.append(payload)
-            finished.add(rank)
-            # The others may now wait for the failed rank (in shutdown): give them a little
-            # while to notice, not the whole time limit.
-            deadline = min(deadline, perf() + 20.0)
-        elif kind == "done":
-            finished.add(rank)
-    result.wall_s = perf() - t0
-    timed_out = len(finished) < cfg.world_size
+    outcome = _launch.run_processes(
+        _child_main,
+        lambda r, reports: (cfg, r, barrier, reports, str(logs[r])),
+        logs,
+        cfg.timeout_s,
+        f"bench-{cfg.backend}",
+        error_grace_s=20.0,
+    )
+    result = GroupResult(cfg.backend, cfg.world_size, outcome.values, outcome.errors)
+    result.wall_s = outcome.wall_s
     for values in result.values.values():
         if "ready_at" in values:
-            values["start_to_ready_s"] = values.pop("ready_at") - start_wall
-    _launch.reap(procs, grace_s=1.0 if timed_out else 15.0)
-    for r, p in enumerate(procs):
-        if p.exitcode not in (0, None) and not any(f"rank {r}" in e for e in result.errors):
-            result.errors.append(f"rank {r} exit code {p.exitcode}")
-    if result.errors:
-        for r, path in enumerate(logs):
-            tail = _launch.tail(path)
-            if "Timeout (" in tail:  # faulthandler's header: the process hung, stacks follow
-                result.errors.insert(
-                    0,
-                    f"rank {r} ran past its time limit (hung or too slow): faulthandler "
-                    "dumped its stacks",
-                )
-            result.errors.append(f"--- log of rank {r} ({path}), last lines:\n{tail}")
-    with contextlib.suppress(Exception):
-        q.close()
-        q.cancel_join_thread()
+            values["start_to_ready_s"] = values.pop("ready_at") - outcome.started_at
     return result
 
 
