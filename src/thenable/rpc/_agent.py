@@ -25,7 +25,6 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -37,6 +36,7 @@ from thenable._tracing import recorder as _recorder
 from thenable._tracing.trace_hooks import name_of
 from thenable.rpc import _context, _extensions, _recycled
 from thenable.rpc._callee_log import log_user_error
+from thenable.rpc._deadlines import Deadlines
 from thenable.rpc._dialing import Dialing
 from thenable.rpc._errors import (
     RpcConnectionError,
@@ -159,7 +159,7 @@ class Agent:
         self._local_link = _LocalLink(self)
         self.rrefs = OwnerTable(self)
         self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
-        self._deadlines = _Deadlines(f"thenable-rpc-timer-{name}", self._expire)
+        self._deadlines = Deadlines(f"thenable-rpc-timer-{name}", self._expire)
         self.listener = self._listen(listen)
         self._host_id = host_id() if options.same_host_ipc else ""
         # Same-host peers connect here instead (see _sockets).
@@ -941,90 +941,6 @@ class _LocalLink:
 
     def drop(self, request_id: int) -> bool:
         return False  # delivered at once: nothing ever waits
-
-
-class _Deadlines:
-    """Fails pending calls at their deadlines, from one thread; adding and cancelling are O(1).
-
-    Calls made with the same timeout expire in the order they were made, so each distinct
-    timeout keeps an insertion-ordered map (request id -> deadline) and the thread sleeps until
-    the earliest head.  A reply cancels its entry, so memory follows the calls in flight.
-    """
-
-    def __init__(self, name: str, expire: Callable[[int, float], None]) -> None:
-        self._queues: dict[float, OrderedDict[int, float]] = {}
-        self._expire = expire
-        # add() and cancel() take the plain lock (cheaper than entering the Condition).
-        self._lock = threading.Lock()
-        self._condition = threading.Condition(self._lock)
-        self._closed = False
-        self._name = name
-        self._thread: threading.Thread | None = None
-        # When the thread will next wake up by itself (None: only when notified).
-        self._wake_at: float | None = None
-
-    def add(self, request_id: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._closed:
-                return
-            queue = self._queues.get(timeout)
-            if queue is None:
-                queue = self._queues[timeout] = OrderedDict()
-            queue[request_id] = deadline
-            if self._wake_at is None or deadline < self._wake_at:
-                self._wake_at = deadline
-                self._condition.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-
-    def cancel(self, request_id: int, timeout: float) -> None:
-        with self._lock:
-            queue = self._queues.get(timeout)
-            if queue is not None:
-                queue.pop(request_id, None)
-
-    def close(self) -> None:
-        with self._condition:
-            self._closed = True
-            self._queues.clear()
-            self._condition.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
-
-    def _due(self) -> tuple[list[tuple[int, float]], float | None]:
-        """Pop the expired entries; also return the next deadline (under the lock)."""
-        now = time.monotonic()
-        due: list[tuple[int, float]] = []
-        earliest: float | None = None
-        for timeout, queue in self._queues.items():
-            while queue:
-                request_id, deadline = next(iter(queue.items()))
-                if deadline > now:
-                    earliest = deadline if earliest is None else min(earliest, deadline)
-                    break
-                queue.popitem(last=False)
-                due.append((request_id, timeout))
-        return due, earliest
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while True:
-                    if self._closed:
-                        return
-                    due, earliest = self._due()
-                    if due:
-                        break
-                    self._wake_at = earliest
-                    self._condition.wait(None if earliest is None else earliest - time.monotonic())
-            for request_id, timeout in due:
-                try:
-                    self._expire(request_id, timeout)
-                except Exception:
-                    _LOGGER.exception("failing RPC request %d at its timeout failed", request_id)
 
 
 def current_agent() -> Agent | None:
