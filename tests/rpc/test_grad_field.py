@@ -73,3 +73,13 @@ def test_tensor_hooks_are_seen() -> None:
     assert not _grad_field.has_tensor_hooks(leaf)
     leaf.register_hook(lambda grad: grad)  # type: ignore[no-untyped-call]
     assert _grad_field.has_tensor_hooks(leaf)
+
+
+def test_a_sparse_leaf_takes_a_dense_gradient() -> None:
+    leaf = torch.sparse_coo_tensor(
+        torch.tensor([[0, 2]]), torch.ones(2), (4,), check_invariants=True
+    ).requires_grad_()
+    grad = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    ((_, got),) = _grad_field.accumulate([(leaf, grad)])  # (a sparse leaf has no view)
+    torch.testing.assert_close(got.to_dense(), grad)
+    assert leaf.grad is None

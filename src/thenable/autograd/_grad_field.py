@@ -54,12 +54,16 @@ def accumulate(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     (borrowed), which runs its hooks; the gradients as they came out (a hook may replace one).
 
     A dense gradient reaches ``AccumulateGrad`` as a fresh alias of itself (the backward of
-    ``view_as``), which it keeps instead of copying; a sparse one is copied, as torch copies a
-    gradient something else still holds."""
+    ``view_as``), which it keeps instead of copying; a sparse one (or one of a sparse leaf) is
+    copied, as torch copies a gradient something else still holds."""
     if not pairs:
         return []
     leaves = [leaf for leaf, _ in pairs]
     with borrowed(leaves, [None] * len(leaves)), torch.enable_grad():
-        roots = [leaf if grad.is_sparse else leaf.view_as(leaf) for leaf, grad in pairs]
+        roots = [leaf.view_as(leaf) if _both_strided(leaf, grad) else leaf for leaf, grad in pairs]
         torch.autograd.backward(roots, [grad for _, grad in pairs])
         return [(leaf, leaf.grad) for leaf in leaves]
+
+
+def _both_strided(leaf: Any, grad: Any) -> bool:
+    return bool(leaf.layout is torch.strided and grad.layout is torch.strided)
