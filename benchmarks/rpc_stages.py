@@ -108,7 +108,9 @@ def _mark(name: str, fn: Callable[..., Any], *, after: bool = False) -> Callable
 
 def _instrument(role: str) -> None:
     """Wrap the points of the call path (before init_rpc: connections bind their handlers)."""
-    from thenable.rpc import _agent, _protocol, _transport
+    from thenable.rpc._net import transport as _transport
+    from thenable.rpc._wire import protocol as _protocol
+    from thenable.rpc._worker import agent as _agent
 
     send_some = _transport._send_some
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from thenable import rpc
 from thenable.futures import Future
-from thenable.rpc import _agent
+from thenable.rpc._worker import agent as _agent
 
 
 def init(

@@ -231,7 +231,9 @@ def worker_main(rank: int, inbox: Connection, outbox: Connection, env: dict[str,
         _send(_run(rank, command))
         del command  # drop its arguments (RRefs, say) before waiting for the next one
     # A test must shut RPC down itself; say so if it did not (and do it, so the process ends).
-    from thenable.rpc import _context  # imported here: keeps this module light to import
+    from thenable.rpc._worker import (
+        context as _context,  # imported here: keeps this module light to import
+    )
 
     if _context.current_agent() is not None:
         _send(("stray", rank, "RPC was still running when the worker was told to exit"))

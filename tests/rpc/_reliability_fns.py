@@ -28,7 +28,7 @@ from _harness import Failure
 
 import thenable.futures
 from thenable import rpc
-from thenable.rpc import _agent
+from thenable.rpc._worker import agent as _agent
 
 MIB = 1 << 20
 # A gated handler gives up after this long: far beyond any test (its worker is killed first).

@@ -31,7 +31,7 @@ from _harness import Failure, failure_of, join_thenable_threads
 
 import thenable.futures
 from thenable import rpc
-from thenable.rpc import _agent
+from thenable.rpc._worker import agent as _agent
 
 # Bound on any wait inside a worker (gates, conditions); far beyond what a test needs.
 WAIT_S = 30.0

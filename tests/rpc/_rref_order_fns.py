@@ -27,7 +27,7 @@ from _remote_fns import (
 )
 
 from thenable import rpc
-from thenable.rpc import _agent
+from thenable.rpc._worker import agent as _agent
 
 WORKERS = ("worker0", "worker1", "worker2", "worker3")
 

@@ -20,7 +20,7 @@ import _harness
 import _remote_fns
 
 from thenable import rpc
-from thenable.rpc import _agent
+from thenable.rpc._worker import agent as _agent
 
 # What a segment's mapping is called in /proc/<pid>/maps (see _shm.Outbox._create).
 MEMFD_NAME = "memfd:thenable-rpc"
@@ -58,7 +58,9 @@ def shutdown_and_count(graceful: bool = True) -> tuple[int, int]:
 def forget_quickly(idle_s: float) -> None:
     """Make this worker free shared memory and recycled payload memory left unused for
     ``idle_s`` seconds, and look for them 20 times as often."""
-    from thenable.rpc import _recycled, _shm, _transport
+    from thenable.rpc._net import memory as _recycled
+    from thenable.rpc._net import shm as _shm
+    from thenable.rpc._net import transport as _transport
 
     _shm.IDLE_S = idle_s
     _recycled.IDLE_S = idle_s
@@ -68,7 +70,7 @@ def forget_quickly(idle_s: float) -> None:
 def wait_until_freed(timeout: float) -> dict[str, Any]:
     """Poll (bounded by ``timeout``) until this worker holds no segment, mapping or pooled
     payload memory; the last report, with the pooled bytes."""
-    from thenable.rpc import _recycled
+    from thenable.rpc._net import memory as _recycled
 
     deadline = time.monotonic() + timeout
     while True:

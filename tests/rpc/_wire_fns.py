@@ -15,7 +15,7 @@ import thenable.autograd as dist_autograd
 from thenable import rpc
 from thenable.nn import RemoteModule
 from thenable.optim import DistributedOptimizer
-from thenable.rpc import _serialize
+from thenable.rpc._wire import serialize as _serialize
 
 _SEEN: set[str] = set()
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from thenable.rpc._deadlines import Deadlines
+from thenable.rpc._worker.deadlines import Deadlines
 
 WAIT_S = 10.0  # bound on any wait for an expiry that must come
 

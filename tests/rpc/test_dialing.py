@@ -14,9 +14,9 @@ from typing import Any, cast
 import pytest
 
 from thenable.rpc import SendQueueFullError
-from thenable.rpc._dialing import Dialing
-from thenable.rpc._protocol import MessageKind
-from thenable.rpc._transport import PeerConnection
+from thenable.rpc._net.dialing import Dialing
+from thenable.rpc._net.transport import PeerConnection
+from thenable.rpc._wire.protocol import MessageKind
 
 WAIT_S = 10.0
 REQUEST, NOTIFY = MessageKind.REQUEST, MessageKind.NOTIFY

@@ -1,4 +1,4 @@
-"""Tests of the sans-IO wire protocol (thenable.rpc._protocol) over a fake link."""
+"""Tests of the sans-IO wire protocol (thenable.rpc._wire.protocol) over a fake link."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thenable.rpc import _protocol, _recycled
-from thenable.rpc._protocol import (
+from thenable.rpc._net import memory as _recycled
+from thenable.rpc._wire import protocol as _protocol
+from thenable.rpc._wire.protocol import (
     MAX_BUFFERS,
     MIN_FRAME_BYTES,
     PROTOCOL_VERSION,

@@ -1,4 +1,4 @@
-"""Mutation fuzzer of the sans-IO protocol decoder (``thenable.rpc._protocol.Connection``).
+"""Mutation fuzzer of the sans-IO protocol decoder (``thenable.rpc._wire.protocol.Connection``).
 
 The decoder reads bytes from a peer that may be broken or hostile.  Valid streams -- a
 peer's HELLO (with and without a key), its AUTH proof and a run of message frames, all made
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from thenable.rpc import _recycled
-from thenable.rpc._protocol import (
+from thenable.rpc._net import memory as _recycled
+from thenable.rpc._wire.protocol import (
     MAX_BUFFERS,
     MIN_FRAME_BYTES,
     Connection,

@@ -11,8 +11,8 @@ from _harness import Failure, Group, free_port
 from conftest import GroupFactory
 
 from thenable import rpc
+from thenable.rpc._group.rendezvous import first_host, master_address
 from thenable.rpc._options import resolve_rank_and_world_size
-from thenable.rpc._rendezvous import first_host, master_address
 
 INIT_TIMEOUT_S = 3.0
 
@@ -276,7 +276,9 @@ def test_launcher_variables_name_every_variable_init_rpc_reads() -> None:
     import re
     from pathlib import Path
 
-    from thenable.rpc import _options, _rendezvous, _store
+    from thenable.rpc import _options
+    from thenable.rpc._group import rendezvous as _rendezvous
+    from thenable.rpc._group import store as _store
 
     read: set[str] = set()
     for module in (_options, _rendezvous, _store):

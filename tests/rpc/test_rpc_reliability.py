@@ -61,7 +61,7 @@ import pytest
 from _harness import Failure, Group, report
 from conftest import GroupFactory
 
-from thenable.rpc import _shm
+from thenable.rpc._net import shm as _shm
 
 T = TypeVar("T")
 

@@ -18,9 +18,9 @@ import _remote_fns as fns
 import pytest
 from _harness import Group
 
-from thenable.rpc import _sockets
-from thenable.rpc._protocol import Connection, Message, MessageKind
-from thenable.rpc._serialize import dumps, loads
+from thenable.rpc._net import sockets as _sockets
+from thenable.rpc._wire.protocol import Connection, Message, MessageKind
+from thenable.rpc._wire.serialize import dumps, loads
 
 KEY = "correct horse battery staple"
 PROBE_IDENTITY = json.dumps({"name": "probe", "rank": 99}).encode()

@@ -1,4 +1,4 @@
-"""Tests of pickle-5 serialization with out-of-band buffers (thenable.rpc._serialize)."""
+"""Tests of pickle-5 serialization with out-of-band buffers (thenable.rpc._wire.serialize)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from thenable.rpc import _protocol, _serialize
 from thenable.rpc._errors import RemoteError, SerializationError
-from thenable.rpc._serialize import (
+from thenable.rpc._wire import protocol as _protocol
+from thenable.rpc._wire import serialize as _serialize
+from thenable.rpc._wire.serialize import (
     _IN_BAND_BYTES,
     RemoteTraceback,
     dumps,

@@ -1,4 +1,4 @@
-"""Shared memory between same-host workers (``thenable.rpc._shm``) and its ownership rules.
+"""Shared memory between same-host workers (``thenable.rpc._net.shm``) and its ownership rules.
 
 The first part drives an ``Outbox`` and an ``Inbox`` in this process, handing each staged
 descriptor over as the transport does after ``SCM_RIGHTS`` (a duplicate, then the sender's
@@ -41,18 +41,19 @@ import pytest
 from _harness import Group, join_thenable_threads
 from conftest import GroupFactory
 
-from thenable.rpc import _protocol, _shm
-from thenable.rpc._agent import Agent
+from thenable.rpc._net import shm as _shm
+from thenable.rpc._net.shm import MAX_PENDING_DESCRIPTORS, MAX_SEGMENTS, STAGE_MIN_BYTES
 from thenable.rpc._options import RpcBackendOptions
-from thenable.rpc._protocol import (
+from thenable.rpc._wire import protocol as _protocol
+from thenable.rpc._wire.protocol import (
     Connection,
     HandshakeComplete,
     Message,
     MessageKind,
     ProtocolError,
 )
-from thenable.rpc._serialize import dumps, loads
-from thenable.rpc._shm import MAX_PENDING_DESCRIPTORS, MAX_SEGMENTS, STAGE_MIN_BYTES
+from thenable.rpc._wire.serialize import dumps, loads
+from thenable.rpc._worker.agent import Agent
 
 FREED_WITHIN_S = 10.0  # the workers free unused memory after 0.2 s (forget_quickly)
 needs_shm = pytest.mark.skipif(not _shm.available(), reason="needs memfd and file sealing")
@@ -481,7 +482,7 @@ def test_close_while_a_view_is_alive_unmaps_it_when_dropped(ends: Ends, held: He
 # finds the last reference to a lent view in garbage: the finalizer runs right there.
 _COLLECT_WHILE_LOCKED = """
 import faulthandler, gc, os, sys
-from thenable.rpc import _shm
+from thenable.rpc._net import shm as _shm
 
 released = []
 outbox, inbox = _shm.Outbox(), _shm.Inbox(released.append)

@@ -1,4 +1,4 @@
-"""Connection set-up (thenable.rpc._sockets): socket options of real TCP connections."""
+"""Connection set-up (thenable.rpc._net.sockets): socket options of real TCP connections."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from thenable.rpc import _sockets
+from thenable.rpc._net import sockets as _sockets
 
 WAIT_S = 10.0
 

@@ -34,9 +34,9 @@ import numpy as np
 import pytest
 
 from thenable.rpc import SendQueueFullError
-from thenable.rpc._protocol import Connection, Message, MessageKind
-from thenable.rpc._sockets import handshake
-from thenable.rpc._transport import PeerConnection
+from thenable.rpc._net.sockets import handshake
+from thenable.rpc._net.transport import PeerConnection
+from thenable.rpc._wire.protocol import Connection, Message, MessageKind
 
 WAIT_S = 10.0
 MIB = 1 << 20

@@ -26,9 +26,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from thenable._future import Future
-from thenable.rpc import _shm, _sockets, _transport
-from thenable.rpc._protocol import Connection, Message, MessageKind
-from thenable.rpc._transport import PeerConnection
+from thenable.rpc._net import shm as _shm
+from thenable.rpc._net import sockets as _sockets
+from thenable.rpc._net import transport as _transport
+from thenable.rpc._net.transport import PeerConnection
+from thenable.rpc._wire.protocol import Connection, Message, MessageKind
 
 WAIT_S = 10.0
 

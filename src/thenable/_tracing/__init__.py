@@ -4,5 +4,5 @@
 record spans; ``trace`` is ``thenable.trace`` and the environment-started trace; ``trace_file``
 writes, reads and merges the parts (one per process) into a Chrome/Perfetto trace;
 ``trace_plot`` draws a merged trace.  Tracing across workers lives with RPC
-(``thenable.rpc._tracing``).
+(``thenable.rpc._group.tracing``).
 """

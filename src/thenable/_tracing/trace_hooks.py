@@ -31,7 +31,8 @@ _plain_submit = InteropPool._submit
 _LOCK = threading.Lock()
 _installed = False
 _flow_ids = itertools.count(1)
-# Flow ids of fork arrows are odd; the RPC layer's are even (see thenable.rpc._agent.flow_id).
+# Flow ids of fork arrows are odd; the RPC layer's are even (see
+# thenable.rpc._worker.agent.flow_id).
 
 
 def installed() -> bool:

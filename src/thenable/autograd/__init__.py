@@ -24,7 +24,8 @@ from thenable.autograd._contexts import DistAutogradContext, current_id, release
 from thenable.autograd._contexts import set_current_id as _set_current_id
 from thenable.autograd._contexts import table as _table
 from thenable.autograd._engine import BackwardError, check_roots, run_backward
-from thenable.rpc import _agent, _handlers
+from thenable.rpc import _handlers
+from thenable.rpc._worker import agent as _agent
 
 __all__ = (
     "BackwardError",

@@ -17,11 +17,11 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from thenable.autograd._pass import PassState
-from thenable.rpc import _agent
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker import agent as _agent
 
 if TYPE_CHECKING:
-    from thenable.rpc._agent import Agent
+    from thenable.rpc._worker.agent import Agent
 
 __all__ = (
     "ContextTable",

@@ -40,14 +40,14 @@ from thenable._future import Future
 from thenable.autograd import _contexts
 from thenable.autograd._pass import BackwardError, Event, PassState, Seeds, Step, advance
 from thenable.autograd._torch import torch
-from thenable.rpc import _agent
 from thenable.rpc._handlers import pinned
 from thenable.rpc._rref import backward_root
+from thenable.rpc._worker import agent as _agent
 from thenable.rpc.functions import async_execution
 
 if TYPE_CHECKING:
     from thenable.autograd._contexts import DistAutogradContext
-    from thenable.rpc._agent import Agent
+    from thenable.rpc._worker.agent import Agent
 
 __all__ = ("BackwardError", "check_roots", "rref_backward", "run_backward")
 

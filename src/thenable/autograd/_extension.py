@@ -1,4 +1,4 @@
-"""How distributed autograd rides on RPC calls (``thenable.rpc._extensions``).
+"""How distributed autograd rides on RPC calls (``thenable.rpc._worker.extensions``).
 
 A call made while a context is current carries a ``_Link``: the context id and a new message
 id.  Both sides record, under that message id, the tensors requiring grad that the message
@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from thenable.autograd import _contexts, _engine
-from thenable.rpc import _extensions
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker import extensions as _extensions
 
 if TYPE_CHECKING:
-    from thenable.rpc._agent import Agent
+    from thenable.rpc._worker.agent import Agent
 
 __all__ = ("install",)
 

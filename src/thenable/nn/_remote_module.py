@@ -15,8 +15,8 @@ from typing import Any, NoReturn
 from thenable._future import Future
 from thenable.autograd._torch import torch
 from thenable.rpc import RRef, rpc_async, rpc_sync
-from thenable.rpc import _context as _rpc_context
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker import context as _rpc_context
 
 __all__ = ("RemoteModule",)
 

@@ -33,10 +33,10 @@ from thenable.rpc._errors import UnknownWorkerError as UnknownWorkerError
 from thenable.rpc._errors import WorkerNameError as WorkerNameError
 from thenable.rpc._options import RpcBackendOptions as RpcBackendOptions
 from thenable.rpc._options import WorkerInfo as WorkerInfo
-from thenable.rpc._protocol import AuthenticationError as AuthenticationError
-from thenable.rpc._protocol import ProtocolError as ProtocolError
 from thenable.rpc._rref import RRef as RRef
-from thenable.rpc._serialize import RemoteTraceback as RemoteTraceback
+from thenable.rpc._wire.protocol import AuthenticationError as AuthenticationError
+from thenable.rpc._wire.protocol import ProtocolError as ProtocolError
+from thenable.rpc._wire.serialize import RemoteTraceback as RemoteTraceback
 from thenable.rpc.api import RpcAgent as RpcAgent
 from thenable.rpc.api import _get_current_rpc_agent as _get_current_rpc_agent
 from thenable.rpc.api import _is_current_rpc_agent_set as _is_current_rpc_agent_set

@@ -11,8 +11,16 @@ from typing import Any, TypeVar
 
 from thenable import _openmp
 from thenable._future import Future
-from thenable.rpc import _agent, _context, _tracing
-from thenable.rpc._agent import Agent
+from thenable.rpc._group import tracing as _tracing
+from thenable.rpc._group.rendezvous import (
+    Coordinator,
+    is_loopback,
+    join,
+    listen_host,
+    master_address,
+    shutdown_barrier,
+)
+from thenable.rpc._group.store import store_rendezvous
 from thenable.rpc._handlers import pinned
 from thenable.rpc._options import (
     RpcBackendOptions,
@@ -21,16 +29,10 @@ from thenable.rpc._options import (
     resolve_auth_key,
     resolve_rank_and_world_size,
 )
-from thenable.rpc._rendezvous import (
-    Coordinator,
-    is_loopback,
-    join,
-    listen_host,
-    master_address,
-    shutdown_barrier,
-)
 from thenable.rpc._rref import RRef, agent_timeout, remote_call
-from thenable.rpc._store import store_rendezvous
+from thenable.rpc._worker import agent as _agent
+from thenable.rpc._worker import context as _context
+from thenable.rpc._worker.agent import Agent
 
 __all__ = (
     "BackendType",

@@ -168,7 +168,7 @@ class RpcBackendOptions:
             authentication (as in torch).
         max_message_bytes: the largest message this worker accepts.
         same_host_ipc: workers on one host talk over Unix-domain sockets and pass payloads of
-            256 KiB or more through shared memory (Linux; see ``thenable.rpc._shm``); False
+            256 KiB or more through shared memory (Linux; see ``thenable.rpc._net.shm``); False
             makes them use TCP like workers on other hosts.
         busy_poll_us: after a frame arrives, how long (microseconds) a connection's reader
             may poll for the next one before it sleeps, if its recent waits were that short

@@ -54,12 +54,13 @@ from typing import Any, Generic, TypeVar
 
 from thenable import _future
 from thenable._future import Future, copy_outcome
-from thenable.rpc import _context, _extensions
-from thenable.rpc._callee_log import log_user_error
-from thenable.rpc._context import Worker
 from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._handlers import pinned
 from thenable.rpc._options import WorkerInfo
+from thenable.rpc._worker import context as _context
+from thenable.rpc._worker import extensions as _extensions
+from thenable.rpc._worker.callee_log import log_user_error
+from thenable.rpc._worker.context import Worker
 from thenable.rpc.functions import (
     async_execution,
     check_async_result,

@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from thenable._future import Future
-from thenable.rpc import _agent, _api
-from thenable.rpc._agent import Agent
+from thenable.rpc import _api
 from thenable.rpc._api import (
     _set_rpc_timeout,
     get_rpc_timeout,
@@ -28,6 +27,8 @@ from thenable.rpc._errors import RpcTimeoutError
 from thenable.rpc._handlers import pinned
 from thenable.rpc._options import WorkerInfo
 from thenable.rpc._rref import RRef, agent_timeout
+from thenable.rpc._worker import agent as _agent
+from thenable.rpc._worker.agent import Agent
 from thenable.rpc.functions import async_execution
 
 __all__ = (

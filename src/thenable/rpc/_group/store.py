@@ -23,8 +23,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from thenable.rpc._agent import WorkerAddress
 from thenable.rpc._errors import RendezvousError, RpcTimeoutError, WorkerNameError
+from thenable.rpc._worker.agent import WorkerAddress
 
 __all__ = ("StoreRendezvous", "store_rendezvous")
 

@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from thenable.rpc import _recycled, _shm
-from thenable.rpc._protocol import (
+from thenable.rpc._net import memory as _recycled
+from thenable.rpc._net import shm as _shm
+from thenable.rpc._wire.protocol import (
     AuthenticationError,
     Connection,
     HandshakeComplete,

@@ -28,8 +28,8 @@ from typing import Any
 from thenable._tracing import recorder as _recorder
 from thenable._tracing import trace as _trace
 from thenable._tracing import trace_file as _trace_file
-from thenable.rpc._agent import Agent
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker.agent import Agent
 
 __all__ = [
     "after_shutdown_barrier",

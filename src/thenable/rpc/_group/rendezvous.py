@@ -26,8 +26,6 @@ from urllib.parse import urlsplit
 
 from thenable import _future
 from thenable._future import Future, copy_outcome
-from thenable.rpc import _agent
-from thenable.rpc._agent import Agent, WorkerAddress
 from thenable.rpc._errors import (
     RendezvousError,
     RpcConnectionError,
@@ -35,6 +33,8 @@ from thenable.rpc._errors import (
     WorkerNameError,
 )
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker import agent as _agent
+from thenable.rpc._worker.agent import Agent, WorkerAddress
 from thenable.rpc.functions import async_execution
 
 __all__ = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import traceback
 
-from thenable.rpc._context import Worker
+from thenable.rpc._worker.context import Worker
 
 __all__ = ("log_user_error",)
 

@@ -38,9 +38,9 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TypeAlias
 
-from thenable.rpc import _context
 from thenable.rpc._errors import RemoteError, SerializationError
 from thenable.rpc._handlers import pinned
+from thenable.rpc._worker import context as _context
 
 __all__ = [
     "ATOMS",

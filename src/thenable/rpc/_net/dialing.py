@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from thenable.rpc._errors import SendQueueFullError
-from thenable.rpc._protocol import MessageKind
-from thenable.rpc._transport import PeerConnection, owned
+from thenable.rpc._net.transport import PeerConnection, owned
+from thenable.rpc._wire.protocol import MessageKind
 
 __all__ = ("Dialing",)
 

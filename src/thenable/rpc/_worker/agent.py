@@ -34,10 +34,6 @@ from thenable._future import Future
 from thenable._pool import InteropPool
 from thenable._tracing import recorder as _recorder
 from thenable._tracing.trace_hooks import name_of
-from thenable.rpc import _context, _extensions, _recycled
-from thenable.rpc._callee_log import log_user_error
-from thenable.rpc._deadlines import Deadlines
-from thenable.rpc._dialing import Dialing
 from thenable.rpc._errors import (
     RpcConnectionError,
     RpcError,
@@ -46,11 +42,9 @@ from thenable.rpc._errors import (
     SerializationError,
     UnknownWorkerError,
 )
-from thenable.rpc._options import RpcBackendOptions, WorkerInfo, destination_type_error
-from thenable.rpc._protocol import Message, MessageKind
-from thenable.rpc._rref import OwnerTable
-from thenable.rpc._serialize import ATOMS, dumps, dumps_exception, loads, loads_exception
-from thenable.rpc._sockets import (
+from thenable.rpc._net import memory as _recycled
+from thenable.rpc._net.dialing import Dialing
+from thenable.rpc._net.sockets import (
     Address,
     Authenticated,
     Listener,
@@ -59,7 +53,15 @@ from thenable.rpc._sockets import (
     host_id,
     local_address,
 )
-from thenable.rpc._transport import IncomingLink, Link, PeerConnection
+from thenable.rpc._net.transport import IncomingLink, Link, PeerConnection
+from thenable.rpc._options import RpcBackendOptions, WorkerInfo, destination_type_error
+from thenable.rpc._rref import OwnerTable
+from thenable.rpc._wire.protocol import Message, MessageKind
+from thenable.rpc._wire.serialize import ATOMS, dumps, dumps_exception, loads, loads_exception
+from thenable.rpc._worker import context as _context
+from thenable.rpc._worker import extensions as _extensions
+from thenable.rpc._worker.callee_log import log_user_error
+from thenable.rpc._worker.deadlines import Deadlines
 from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Each connection is driven by one sans-IO :class:`~thenable.rpc._protocol.Connection`.  One
+Each connection is driven by one sans-IO :class:`~thenable.rpc._wire.protocol.Connection`.  One
 *reader* thread per connection receives frames (straight into the payload buffer for large
 messages) and hands each message to the owner's ``on_message``.  Senders write from their own
 threads under a per-connection lock with scatter/gather ``sendmsg``, so large buffers are never
@@ -59,9 +59,11 @@ from typing import Any, Protocol
 
 from thenable._future import _PER_THREAD
 from thenable._tracing import recorder as _recorder
-from thenable.rpc import _recycled, _shm
 from thenable.rpc._errors import SendQueueFullError
-from thenable.rpc._protocol import (
+from thenable.rpc._net import memory as _recycled
+from thenable.rpc._net import shm as _shm
+from thenable.rpc._net.sockets import FD_SPACE, close_all, descriptors_in
+from thenable.rpc._wire.protocol import (
     FLAG_PING,
     FLAG_PONG,
     FLAG_RELEASE,
@@ -73,7 +75,6 @@ from thenable.rpc._protocol import (
     MessageKind,
     ProtocolError,
 )
-from thenable.rpc._sockets import FD_SPACE, close_all, descriptors_in
 
 __all__ = ("INLINE_PATIENCE_S", "INLINE_QUICK_S", "IncomingLink", "Link", "PeerConnection", "owned")
 

@@ -31,8 +31,8 @@ from typing import Any, Protocol, TypeVar
 
 from thenable.rpc._handlers import pinned
 
-# The agent (``thenable.rpc._agent.Agent``) is passed through as it is; not naming its class here
-# keeps this module below the agent in the import graph.
+# The agent (``thenable.rpc._worker.agent.Agent``) is passed through as it is; not naming its
+# class here keeps this module below the agent in the import graph.
 _Agent = Any
 T = TypeVar("T")
 

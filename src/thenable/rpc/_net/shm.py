@@ -72,7 +72,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from thenable.rpc._protocol import ProtocolError
+from thenable.rpc._wire.protocol import ProtocolError
 
 __all__ = [
     "CACHE_BYTES",
