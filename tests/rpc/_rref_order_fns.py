@@ -300,5 +300,7 @@ def check_timed_out_request_keeps_its_rref() -> dict[str, Any]:
             break
     out["read"] = rpc.rpc_sync("worker1", recorded, args=(tag,))
     out["left"] = _owner_table_after_settling(base)
-    out["pending"] = len(_agent.require_agent()._late_holds)
+    agent = _agent.require_agent()
+    with agent._lock:
+        out["pending"] = agent._calls.snapshot_locked()[1]  # (late holds)
     return out

@@ -20,7 +20,6 @@ the callee never aliases the caller's arrays.
 from __future__ import annotations
 
 import enum
-import itertools
 import json
 import logging
 import threading
@@ -61,7 +60,7 @@ from thenable.rpc._wire.serialize import ATOMS, dumps, dumps_exception, loads, l
 from thenable.rpc._worker import context as _context
 from thenable.rpc._worker import extensions as _extensions
 from thenable.rpc._worker.callee_log import log_user_error
-from thenable.rpc._worker.deadlines import Deadlines
+from thenable.rpc._worker.calls import Calls, Pending, describe_call
 from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
@@ -92,34 +91,6 @@ class WorkerAddress:
     host_id: str = ""  # equal for workers that can use each other's ``local`` address
 
 
-class _Pending:
-    """A call in flight: its Future, where it went, and what to say if it fails."""
-
-    __slots__ = ("counted", "fn", "future", "holds", "link", "peer_rank", "timeout")
-
-    def __init__(
-        self,
-        future: Future[Any],
-        peer_rank: int,
-        link: Link,  # what the request went out on
-        fn: object,
-        counted: bool,  # an application call, counted for the shutdown barrier
-        timeout: float,
-        holds: list[Any] | None,  # RRefs to keep alive until the callee has read the request
-    ) -> None:
-        self.future = future
-        self.holds = holds
-        self.peer_rank = peer_rank
-        self.link = link
-        self.fn = fn
-        self.counted = counted
-        self.timeout = timeout
-
-    def describe(self, agent: Agent) -> str:
-        """For error messages: "call of module.fn on worker1"."""
-        return _describe_call(agent, self.fn, self.peer_rank)
-
-
 class Agent:
     """The process's RPC worker; made by ``init_rpc``, ended by ``shutdown``."""
 
@@ -142,13 +113,7 @@ class Agent:
         self._identity = json.dumps({"name": name, "rank": rank}).encode()
         self._state = AgentState.RUNNING
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        # Invariant (under _lock): every Future in _pending is pending, and is completed by
-        # whoever removes its entry.
-        self._pending: dict[int, _Pending] = {}
-        # Requests that timed out with RRefs on board (case 2 of _rref's protocol), by id.
-        self._late_holds: dict[int, tuple[Any, list[Any]]] = {}
-        self._issued = 0  # application calls sent so far, for the shutdown barrier
+        self._calls = Calls(self._lock, f"thenable-rpc-timer-{name}", self._on_timeout)
         # Requests received and not yet answered; shutdown waits for them to reach zero.
         self._unanswered = 0
         self._answered = threading.Condition(self._lock)
@@ -161,7 +126,6 @@ class Agent:
         self._local_link = _LocalLink(self)
         self.rrefs = OwnerTable(self)
         self.pool = InteropPool(options.num_worker_threads, name=f"thenable-rpc-{name}")
-        self._deadlines = Deadlines(f"thenable-rpc-timer-{name}", self._expire)
         self.listener = self._listen(listen)
         self._host_id = host_id() if options.same_host_ipc else ""
         # Same-host peers connect here instead (see _sockets).
@@ -305,7 +269,7 @@ class Agent:
             extension.sent(self, to_rank, extra, message.grad_tensors())  # type: ignore[union-attr]
         record = message.record
         future: Future[Any] = Future()
-        request_id = next(self._ids)
+        request_id = self._calls.new_id()
         # A request that carries no RRef and no autograd bookkeeping may be taken back, unsent,
         # when it times out while queued for a peer that does not read (see _expire); it may
         # also wait, copied, for a first connection to its peer instead of the caller.
@@ -314,17 +278,11 @@ class Agent:
             link = self._link_to(to_rank, wait=not droppable)
         except ConnectionError as exc:  # ("cannot reach <peer>: <why>")
             record.unsent()
-            error = RpcConnectionError(f"{_describe_call(self, fn, to_rank)} failed: {exc}")
+            error = RpcConnectionError(f"{describe_call(fn, self.name_of(to_rank))} failed: {exc}")
             _future.complete(future, None, error)
             return future
-        with self._lock:
-            self._pending[request_id] = _Pending(
-                future, to_rank, link, fn, counted, timeout, record.holds or None
-            )
-            if counted:
-                self._issued += 1
-        if timeout > 0:
-            self._deadlines.add(request_id, timeout)
+        holds = record.holds or None
+        self._calls.add(request_id, Pending(future, to_rank, link, fn, counted, timeout, holds))
         if traced_from:
             _recorder.flow("s", flow_id(self.rank, request_id, False), "rpc")
         try:
@@ -368,52 +326,41 @@ class Agent:
         header, buffers = dumps((fn, args, {}))
         self._link_to(to_rank).send(MessageKind.NOTIFY, 0, header, buffers)
 
-    def _expire(self, request_id: int, timeout: float) -> None:
-        with self._lock:
-            pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            # Still queued, untouched, for a peer that does not read: it is never sent.
-            pending.link.drop(request_id)
-        with self._lock:
-            if pending is not None and pending.holds is not None:
-                # The callee may not have read the request yet: the RRefs it carries stay
-                # alive until its late reply comes (or the connection goes), see _rref.
-                self._late_holds[request_id] = (pending.link, pending.holds)
-        if pending is not None:
-            error = RpcTimeoutError.after_timeout(
-                f"RPC {pending.describe(self)} timed out after {timeout} s", timeout
-            )
-            # Completed on the pool: user callbacks must not stall the timer thread (unless
-            # the pool is shut down: then here, so that the call still ends).
-            done = self.pool.submit(_future.complete, pending.future, None, error)
-            refused = done.done() and _future.exception_of(done) is not None  # (shut down)
-            if refused:
-                _future.complete(pending.future, None, error, strict=False)
+    def _on_timeout(self, pending: Pending, timeout: float) -> None:
+        """A call timed out (``Calls`` took it out of the table): its Future fails."""
+        error = RpcTimeoutError.after_timeout(
+            f"RPC {pending.describe(self.name_of)} timed out after {timeout} s", timeout
+        )
+        # Completed on the pool: user callbacks must not stall the timer thread (unless the
+        # pool is shut down: then here, so that the call still ends).
+        done = self.pool.submit(_future.complete, pending.future, None, error)
+        refused = done.done() and _future.exception_of(done) is not None  # (shut down)
+        if refused:
+            _future.complete(pending.future, None, error, strict=False)
 
     def _fail_sending(self, request_id: int, exc: ConnectionError) -> None:
         """A request could not be sent: its call fails (a full queue as SendQueueFullError)."""
-        with self._lock:
-            pending = self._pending.pop(request_id, None)
+        pending = self._calls.take(request_id)
         if pending is not None:
             error_type = (
                 SendQueueFullError if isinstance(exc, SendQueueFullError) else RpcConnectionError
             )
             _future.complete(
-                pending.future, None, error_type(f"{pending.describe(self)} failed: {exc}")
+                pending.future, None, error_type(f"{pending.describe(self.name_of)} failed: {exc}")
             )
 
     def pending_count(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return self._calls.count()
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of this worker's calls, handlers, queues and memory (``rpc.get_stats``)."""
         with self._lock:
             in_flight: dict[str, int] = {}
-            for pending in self._pending.values():
-                to = self.name_of(pending.peer_rank)
+            ranks, late, issued = self._calls.snapshot_locked()
+            for rank in ranks:
+                to = self.name_of(rank)
                 in_flight[to] = in_flight.get(to, 0) + 1
-            unanswered, late, issued = self._unanswered, len(self._late_holds), self._issued
+            unanswered = self._unanswered
             connections = [c for c in self._all_connections if not c.closed]
             state = self._state.name.lower()
         pool = self.pool.statistics()
@@ -458,24 +405,11 @@ class Agent:
         }
 
     def issued_count(self) -> int:
-        with self._lock:
-            return self._issued
+        return self._calls.issued()
 
     def wait_idle(self, deadline: float | None) -> None:
         """Block until no call of this worker is pending (or ``deadline`` passes)."""
-        while True:
-            with self._lock:
-                futures = [p.future for p in self._pending.values()]
-            if not futures:
-                return
-            for future in futures:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    future.wait(left)
-                except BaseException:
-                    if not future.done():
-                        raise  # our deadline passed
-                    # else the call failed: that belongs to its caller; we only wait for its end
+        self._calls.wait_idle(deadline)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -536,8 +470,7 @@ class Agent:
         with self._lock:
             if self._connecting.get(dialing.peer_rank) is dialing:
                 del self._connecting[dialing.peer_rank]
-            for rid in [rid for rid, (link, _) in self._late_holds.items() if link is dialing]:
-                del self._late_holds[rid]
+            self._calls.forget_late_holds_on_locked(dialing)
         for request_id in waited:
             self._fail_sending(request_id, error)
 
@@ -627,10 +560,7 @@ class Agent:
             )
             if self._links.get(conn.peer_rank) is conn:
                 del self._links[conn.peer_rank]
-            lost = [rid for rid, p in self._pending.items() if _went_on(p.link, conn)]
-            entries = [self._pending.pop(rid) for rid in lost]
-            for rid in [rid for rid, (link, _) in self._late_holds.items() if _went_on(link, conn)]:
-                del self._late_holds[rid]
+            entries = self._calls.take_went_on_locked(conn)
         if self.coordinator is not None and self._state is not AgentState.SHUT_DOWN and last:
             self.coordinator.peer_lost(conn.peer_rank)
         if self._state is AgentState.SHUT_DOWN:
@@ -643,7 +573,7 @@ class Agent:
             _future.complete(
                 entry.future,
                 None,
-                RpcConnectionError(f"RPC {entry.describe(self)} failed: {reason}"),
+                RpcConnectionError(f"RPC {entry.describe(self.name_of)} failed: {reason}"),
             )
 
     # -- receiving ----------------------------------------------------------------------------
@@ -667,14 +597,9 @@ class Agent:
             _LOGGER.warning("ignoring a %s message from %r", kind.name, link)
 
     def _on_reply(self, link: IncomingLink, message: Message) -> None:
-        with self._lock:
-            pending = self._pending.pop(message.request_id, None)
-            late = self._late_holds.pop(message.request_id, None) if pending is None else None
+        pending = self._calls.take_answered(message.request_id)
         if pending is None:
-            del late  # the callee has read the request: its RRefs may go
             return  # it timed out or was failed already; the late reply is dropped
-        if pending.timeout > 0:
-            self._deadlines.cancel(message.request_id, pending.timeout)
         start = 0
         if _recorder.recording:
             arrow = flow_id(self.rank, message.request_id, True)
@@ -694,7 +619,7 @@ class Agent:
                 value = value.value
         except Exception as exc:
             value = None
-            exception = self._load_error(f"the reply to the {pending.describe(self)}", exc)
+            exception = self._load_error(f"the reply to the {pending.describe(self.name_of)}", exc)
         _future.complete(pending.future, value, exception)
         if start:
             span = f"reply {name_of(pending.fn)}"
@@ -888,9 +813,7 @@ class Agent:
             if self._state is AgentState.SHUT_DOWN:
                 return
             self._state = AgentState.SHUT_DOWN
-            entries = list(self._pending.values())
-            self._pending.clear()
-            self._late_holds.clear()
+            entries = self._calls.take_all_locked()
             connections = list(self._all_connections)
         self.listener.close()
         if self.local_listener is not None:
@@ -901,9 +824,11 @@ class Agent:
             _future.complete(
                 entry.future,
                 None,
-                RpcError(f"RPC {entry.describe(self)} failed: RPC was shut down on this worker"),
+                RpcError(
+                    f"RPC {entry.describe(self.name_of)} failed: RPC was shut down on this worker"
+                ),
             )
-        self._deadlines.close()
+        self._calls.close()
         self.rrefs.close()
         self.pool.shutdown(wait=False)
         _recycled.drop_idle()  # received-payload memory kept for reuse: no more receiving
@@ -979,18 +904,3 @@ def _parse_identity(identity: bytes) -> tuple[str, int]:
     if not isinstance(name, str) or not isinstance(rank, int) or isinstance(rank, bool):
         raise ValueError(f"peer sent an invalid identity {identity[:80]!r}")
     return name, rank
-
-
-def _went_on(link: Link, conn: PeerConnection) -> bool:
-    """Whether what was sent on ``link`` went on ``conn`` (directly, or once connected)."""
-    return link is conn or (type(link) is Dialing and link.connection is conn)
-
-
-def _describe_call(agent: Agent, fn: object, rank: int) -> str:
-    return f"call of {_qualname(fn)} on {agent.name_of(rank)}"
-
-
-def _qualname(fn: object) -> str:
-    module = getattr(fn, "__module__", None)
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}" if module else str(name)
