@@ -32,7 +32,7 @@ _LOCK = threading.Lock()
 _installed = False
 _flow_ids = itertools.count(1)
 # Flow ids of fork arrows are odd; the RPC layer's are even (see
-# thenable.rpc._worker.agent.flow_id).
+# thenable.rpc._worker.calls.flow_id).
 
 
 def installed() -> bool:

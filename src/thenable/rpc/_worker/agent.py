@@ -23,7 +23,6 @@ import enum
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -56,12 +55,11 @@ from thenable.rpc._net.transport import IncomingLink, Link, PeerConnection
 from thenable.rpc._options import RpcBackendOptions, WorkerInfo, destination_type_error
 from thenable.rpc._rref import OwnerTable
 from thenable.rpc._wire.protocol import Message, MessageKind
-from thenable.rpc._wire.serialize import ATOMS, dumps, dumps_exception, loads, loads_exception
+from thenable.rpc._wire.serialize import dumps, loads, loads_exception
 from thenable.rpc._worker import context as _context
 from thenable.rpc._worker import extensions as _extensions
-from thenable.rpc._worker.callee_log import log_user_error
-from thenable.rpc._worker.calls import Calls, Pending, describe_call
-from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
+from thenable.rpc._worker.calls import Calls, Pending, describe_call, flow_id
+from thenable.rpc._worker.serving import Serving
 
 __all__ = ("Agent", "AgentState", "WorkerAddress")
 
@@ -114,10 +112,8 @@ class Agent:
         self._state = AgentState.RUNNING
         self._lock = threading.Lock()
         self._calls = Calls(self._lock, f"thenable-rpc-timer-{name}", self._on_timeout)
+        self._serving = Serving(self, self._lock)
         # Requests received and not yet answered; shutdown waits for them to reach zero.
-        self._unanswered = 0
-        self._answered = threading.Condition(self._lock)
-        self._awaiting_answers = 0  # threads in wait_answered()
         self._workers: dict[int, WorkerAddress] = {}
         self._ranks_by_name: dict[str, int] = {}
         self._links: dict[int, PeerConnection] = {}  # rank -> the connection for requests to it
@@ -293,10 +289,10 @@ class Agent:
         else:
             record.sent()
         if traced_from:
-            self._traced(f"rpc {name_of(fn)}", traced_from, to_rank, request_id, header, buffers)
+            self.traced(f"rpc {name_of(fn)}", traced_from, to_rank, request_id, header, buffers)
         return future
 
-    def _traced(
+    def traced(
         self,
         span: str,
         start: int,
@@ -360,7 +356,7 @@ class Agent:
             for rank in ranks:
                 to = self.name_of(rank)
                 in_flight[to] = in_flight.get(to, 0) + 1
-            unanswered = self._unanswered
+            unanswered = self._serving.unanswered_locked()
             connections = [c for c in self._all_connections if not c.closed]
             state = self._state.name.lower()
         pool = self.pool.statistics()
@@ -581,18 +577,11 @@ class Agent:
     def _on_message(self, link: IncomingLink, message: Message) -> None:
         kind = message.kind
         if kind is MessageKind.REQUEST:
-            with self._lock:
-                self._unanswered += 1
-            if _recorder.recording:
-                self._on_request_traced(link, message)
-            elif link.may_run_inline():
-                link.run_inline(self._serve, link, message)
-            else:
-                self.pool.submit(self._serve, link, message)
+            self._serving.on_request(link, message)
         elif kind is MessageKind.RESPONSE or kind is MessageKind.ERROR_RESPONSE:
             self._on_reply(link, message)
         elif kind is MessageKind.NOTIFY:
-            self._on_notification(link, message)
+            self._serving.on_notification(link, message)
         else:
             _LOGGER.warning("ignoring a %s message from %r", kind.name, link)
 
@@ -619,15 +608,15 @@ class Agent:
                 value = value.value
         except Exception as exc:
             value = None
-            exception = self._load_error(f"the reply to the {pending.describe(self.name_of)}", exc)
+            exception = self.load_error(f"the reply to the {pending.describe(self.name_of)}", exc)
         _future.complete(pending.future, value, exception)
         if start:
             span = f"reply {name_of(pending.fn)}"
-            self._traced(span, start, pending.peer_rank, message.request_id, failed=bool(exception))
+            self.traced(span, start, pending.peer_rank, message.request_id, failed=bool(exception))
         # A load error's traceback holds this frame: no cycle back to the error through it.
         del pending, exception
 
-    def _load_error(self, what: str, exc: Exception) -> SerializationError:
+    def load_error(self, what: str, exc: Exception) -> SerializationError:
         """The error for a received message that cannot be unpickled here (torch: RuntimeError)."""
         error = SerializationError(
             f"worker {self.name!r} cannot load {what}: {type(exc).__name__}: {exc}; functions "
@@ -637,168 +626,9 @@ class Agent:
         error.__cause__ = exc
         return error
 
-    def _on_notification(self, link: IncomingLink, message: Message) -> None:
-        start = _recorder.now() if _recorder.recording else 0
-        fn = None
-        try:
-            with _context.receiving(self, link.peer_rank):
-                fn, args, kwargs = loads(message.header, message.buffers)
-            fn(*args, **kwargs)
-        except Exception:
-            _LOGGER.exception("a notification from %r failed", link)
-        if start:
-            self._traced(f"notify {name_of(fn)}", start, link.peer_rank, 0)
-
-    def _on_request_traced(self, link: IncomingLink, message: Message) -> None:
-        """``_on_message`` for a request while tracing: the handler records its span."""
-        if link.may_run_inline():
-            link.run_inline(self._serve_traced, link, message)
-        else:
-            self.pool.submit(self._serve_traced, link, message, _recorder.now())
-
-    def _serve_traced(self, link: IncomingLink, message: Message, received_ns: int = 0) -> None:
-        """``_serve``, recorded as a span with the arrow from its call; ``queued_us`` is the
-        time from the request's arrival to its handler's start (0: run where it arrived)."""
-        peer, request_id = link.peer_rank, message.request_id
-        start = _recorder.flow_in_span("f", flow_id(peer, request_id, False), "rpc")
-        fn = self._serve(link, message)
-        queued_us = round((start - received_ns) / 1000, 3) if received_ns else 0.0
-        self._traced(f"handle {name_of(fn)}", start, peer, request_id, queued_us=queued_us)
-
-    def _serve(self, link: IncomingLink, message: Message) -> object:
-        """Run one incoming request on this (pool) thread and send its reply; return the
-        function it called (None if the request could not be loaded), for the trace."""
-        request_id = message.request_id
-        try:
-            with _context.receiving(self, link.peer_rank) as received:
-                call = loads(message.header, message.buffers)
-            fn, args, kwargs = call[:3]
-            extra = call[3] if len(call) == 4 else None
-            extension = _extensions.installed
-            if extra is not None and extension is not None:
-                extension.received(self, link.peer_rank, extra, received.grad_tensors)
-        except Exception as exc:
-            self._send_error(link, request_id, self._load_error("the call", exc))
-            return None
-        try:
-            del message, call, received
-            if extra is None or extension is None:
-                result = fn(*args, **kwargs)
-            else:
-                with extension.serving(self, extra):
-                    result = fn(*args, **kwargs)
-            if is_async_execution(fn):
-                check_async_result(fn, result).add_done_callback(
-                    lambda done: self._reply_with(link, request_id, done, extra, fn)
-                )
-                return fn
-        except BaseException as exc:
-            log_user_error(self, fn, exc, link.peer_rank)
-            self._send_error(link, request_id, exc)
-            return fn
-        self._send_result(link, request_id, result, defer=may_reply_later(fn), extra=extra)
-        return fn
-
-    def _reply_with(
-        self, link: IncomingLink, request_id: int, done: Future[Any], extra: object, fn: object
-    ) -> None:
-        """An @async_execution function's Future completed: send its outcome as the reply."""
-        start = _recorder.now() if _recorder.recording else 0
-        error = _future.exception_of(done)
-        if error is not None:
-            log_user_error(self, fn, error, link.peer_rank)
-            self._send_error(link, request_id, error)
-        else:
-            self._send_result(link, request_id, _future.result_of(done), extra=extra)
-        if start:
-            self._traced("async_execution done", start, link.peer_rank, request_id)
-
-    def _send_result(
-        self,
-        link: IncomingLink,
-        request_id: int,
-        result: Any,
-        *,
-        defer: bool = False,
-        extra: object = None,
-    ) -> None:
-        """Reply ``result``; ``extra``: the request's extension data (see ``_extensions``)."""
-        extension = _extensions.installed
-        reply_extra = None
-        if extra is not None and extension is not None and type(result) not in ATOMS:
-            reply_extra = extension.reply_extra(self, link.peer_rank, extra)
-        if reply_extra is None:
-            if type(result) in ATOMS:  # None, a number, a string...: no RRef inside
-                self._send_reply(link, MessageKind.RESPONSE, request_id, *dumps(result), defer)
-                return
-            try:
-                with _context.sending(self, link.peer_rank, is_request=False) as message:
-                    header, buffers = dumps(result)
-            except Exception as exc:
-                self._send_error(link, request_id, exc)
-                return
-        else:
-            try:
-                with _context.sending(
-                    self, link.peer_rank, is_request=False, note_grads=True
-                ) as message:
-                    header, buffers = dumps(_extensions.Reply(result, reply_extra))
-            except Exception as exc:
-                self._send_error(link, request_id, exc)
-                return
-            extension.sent(self, link.peer_rank, reply_extra, message.grad_tensors())  # type: ignore[union-attr]
-        record = message.record
-        if self._send_reply(link, MessageKind.RESPONSE, request_id, header, buffers, defer):
-            record.sent()
-        else:
-            record.unsent()
-
-    def _send_error(self, link: IncomingLink, request_id: int, exc: BaseException) -> None:
-        header, buffers = dumps_exception(exc, origin=f"worker {self.name} (rank {self.rank})")
-        self._send_reply(link, MessageKind.ERROR_RESPONSE, request_id, header, buffers)
-
-    def _send_reply(
-        self,
-        link: IncomingLink,
-        kind: MessageKind,
-        request_id: int,
-        header: bytes,
-        buffers: list[memoryview],
-        defer: bool = False,
-    ) -> bool:
-        start = 0
-        if _recorder.recording:
-            arrow = flow_id(link.peer_rank, request_id, True)
-            start = _recorder.flow_in_span("s", arrow, "rpc reply")
-        try:
-            link.send(kind, request_id, header, buffers, defer=defer)
-        except ConnectionError as exc:
-            _LOGGER.info("could not reply to request %d: %s", request_id, exc)
-            return False
-        finally:
-            with self._lock:
-                self._unanswered -= 1
-                if not self._unanswered and self._awaiting_answers:
-                    self._answered.notify_all()
-            if start:
-                self._traced("send reply", start, link.peer_rank, request_id, header, buffers)
-        return True
-
     def wait_answered(self, deadline: float | None) -> None:
         """Block until every request received so far has been answered (or ``deadline``)."""
-        with self._lock:
-            self._awaiting_answers += 1
-            try:
-                while self._unanswered:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise RpcTimeoutError(
-                            f"{self._unanswered} request(s) to worker {self.name!r} still "
-                            "unanswered"
-                        )
-                    self._answered.wait(left)
-            finally:
-                self._awaiting_answers -= 1
+        self._serving.wait_answered(deadline)
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -882,12 +712,6 @@ def current_agent() -> Agent | None:
 def require_agent() -> Agent:
     """This process's agent, or the RuntimeError telling the user to call ``init_rpc``."""
     return cast(Agent, _context.require_agent())
-
-
-def flow_id(caller_rank: int, request_id: int, reply: bool) -> int:
-    """The id of a trace's arrow from a request to its handler (or from the reply back):
-    even, and the same on both sides (fork arrows take the odd ids, see _trace_hooks)."""
-    return (((caller_rank << 32) | request_id) << 2) | (2 if reply else 0)
 
 
 def _parse_identity(identity: bytes) -> tuple[str, int]:

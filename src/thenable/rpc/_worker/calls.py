@@ -20,7 +20,7 @@ from thenable.rpc._net.dialing import Dialing
 from thenable.rpc._net.transport import Link, PeerConnection
 from thenable.rpc._worker.deadlines import Deadlines
 
-__all__ = ("Calls", "Pending", "describe_call", "went_on")
+__all__ = ("Calls", "Pending", "describe_call", "flow_id", "went_on")
 
 
 class Pending:
@@ -175,6 +175,12 @@ class Calls:
 def went_on(link: Link, conn: PeerConnection) -> bool:
     """Whether what was sent on ``link`` went on ``conn`` (directly, or once connected)."""
     return link is conn or (type(link) is Dialing and link.connection is conn)
+
+
+def flow_id(caller_rank: int, request_id: int, reply: bool) -> int:
+    """The id of a trace's arrow from a request to its handler (or from the reply back):
+    even, and the same on both sides (fork arrows take the odd ids, see _tracing.trace_hooks)."""
+    return (((caller_rank << 32) | request_id) << 2) | (2 if reply else 0)
 
 
 def describe_call(fn: object, peer: str) -> str:
