@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from thenable import _future
 from thenable._future import Future
 from thenable._tracing import recorder as _recorder
 from thenable._tracing.trace_hooks import name_of
-from thenable.rpc._errors import RpcTimeoutError
+from thenable.rpc._errors import RpcTimeoutError, SerializationError
 from thenable.rpc._net.transport import IncomingLink
 from thenable.rpc._wire.protocol import Message, MessageKind
 from thenable.rpc._wire.serialize import ATOMS, dumps, dumps_exception, loads
@@ -24,18 +24,37 @@ from thenable.rpc._worker.callee_log import log_user_error
 from thenable.rpc._worker.calls import flow_id
 from thenable.rpc.functions import check_async_result, is_async_execution, may_reply_later
 
-if TYPE_CHECKING:
-    from thenable.rpc._worker.agent import Agent
-
-__all__ = ("Serving",)
+__all__ = ("Host", "Serving")
 
 _LOGGER = logging.getLogger("thenable.rpc")
+
+
+class Host(_context.Worker, Protocol):
+    """What serving uses of its agent (``agent.Agent`` provides it): named here by what it
+    does, so that neither module imports the other."""
+
+    def traced(
+        self,
+        span: str,
+        start: int,
+        peer: int,
+        request_id: int,
+        header: bytes | None = None,
+        buffers: list[memoryview] | None = None,
+        **more: Any,
+    ) -> None:
+        """Record a span of an RPC message."""
+        ...
+
+    def load_error(self, what: str, exc: Exception) -> SerializationError:
+        """The error for a received message that cannot be unpickled here."""
+        ...
 
 
 class Serving:
     """The requests an agent receives (see the module docstring)."""
 
-    def __init__(self, agent: Agent, lock: threading.Lock) -> None:
+    def __init__(self, agent: Host, lock: threading.Lock) -> None:
         self._agent = agent
         self._lock = lock
         self._unanswered = 0  # requests received and not yet answered
