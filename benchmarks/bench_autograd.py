@@ -571,9 +571,7 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> RunResult:
         cfg.timeout_s,
         f"bench-{cfg.backend}-{cfg.workload}",
     )
-    result = RunResult(cfg.backend, cfg.config, outcome.values, outcome.errors)
-    result.wall_s = outcome.wall_s
-    return result
+    return RunResult(cfg.backend, cfg.config, outcome.values, outcome.errors, outcome.wall_s)
 
 
 @contextlib.contextmanager

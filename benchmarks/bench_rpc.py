@@ -426,8 +426,9 @@ def run_group(cfg: RunConfig, log_dir: Path, tag: str) -> GroupResult:
         f"bench-{cfg.backend}",
         error_grace_s=20.0,
     )
-    result = GroupResult(cfg.backend, cfg.world_size, outcome.values, outcome.errors)
-    result.wall_s = outcome.wall_s
+    result = GroupResult(
+        cfg.backend, cfg.world_size, outcome.values, outcome.errors, outcome.wall_s
+    )
     for values in result.values.values():
         if "ready_at" in values:
             values["start_to_ready_s"] = values.pop("ready_at") - outcome.started_at
