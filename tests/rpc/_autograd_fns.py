@@ -708,22 +708,17 @@ _SHARED_WEIGHT = torch.arange(4.0).requires_grad_()
 _BOTH_PASSES = threading.Barrier(2, timeout=WAIT_S)
 
 
-class _MeetOtherPass(torch.autograd.Function):
-    """Identity whose backward waits until another pass's backward is in it too."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        _BOTH_PASSES.wait()
-        return grad
+def _meet_other_pass(grad: torch.Tensor) -> torch.Tensor:
+    """A backward hook that waits until another pass's backward is in it too."""
+    _BOTH_PASSES.wait()
+    return grad
 
 
 def shared_weight_times(a: torch.Tensor) -> torch.Tensor:
     """``a`` times this worker's one shared weight, through a backward that meets another pass."""
-    return _MeetOtherPass.apply(_SHARED_WEIGHT) * a  # type: ignore[no-any-return,no-untyped-call]
+    weight = _SHARED_WEIGHT * 1.0  # (the hook is on this copy: the weight itself has none)
+    weight.register_hook(_meet_other_pass)  # type: ignore[no-untyped-call]
+    return weight * a
 
 
 def shared_weight_gradient(cid: int) -> tuple[torch.Tensor, Any]:
